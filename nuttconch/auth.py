@@ -1,0 +1,337 @@
+# -*- test-case-name: tests.test_auth -*-
+"""Public-key authentication from authorized_keys, with per-key options.
+
+The checker decides everything about a key at probe time (before the
+client signs), so a key that is denied, unknown or not allowed from this
+address is refused before an agent or hardware token is asked to sign,
+and a new key is only ever written to the file after its signature has
+been verified.  Refusals carry a sentence that the client is shown in a
+USERAUTH_BANNER, because "Permission denied (publickey)" alone tells a
+user nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.conch import error as conch_error
+from twisted.conch.ssh import keys, userauth
+from twisted.conch.ssh.common import NS
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import authkeys
+from .names import InvalidName, escape, generated_alias, normalise
+
+log = Logger()
+
+ALL_ACCESS = frozenset({"initiate", "listen", "list", "admin"})
+MIN_RSA_BITS = 2048
+
+
+class Refused(UnauthorizedLogin):
+    """A refusal whose message is shown to the client and logged."""
+
+    def __init__(self, message: str, *, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who authenticated, and what their authorized_keys line grants them."""
+
+    username: str
+    hostname: str
+    aliases: tuple[str, ...]
+    access: frozenset[str]
+    fingerprint: str
+    key_blob: bytes = field(repr=False)
+    peer: str = ""
+    new_key: bool = False
+    lineno: int = 0
+
+    @property
+    def connect_name(self) -> str:
+        return self.aliases[0]
+
+
+@dataclass
+class ConnectionInfo:
+    """What the checker needs to know about the connection a login arrives on."""
+
+    peer: str
+    conn_id: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+def fingerprint(blob: bytes) -> str:
+    """OpenSSH's ``SHA256:...`` form, as ``ssh-keygen -l`` prints it."""
+    digest = hashlib.sha256(blob).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+@implementer(ICredentialsChecker)
+class AuthorizedKeysChecker:
+    """Authenticates keys against the switchboard's own authorized_keys file."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(
+        self,
+        keys_file: authkeys.AuthorizedKeysFile,
+        secret: bytes,
+        *,
+        enable_auth: bool = True,
+        allow_new_clients: bool = True,
+    ) -> None:
+        self.keys_file = keys_file
+        self.secret = secret
+        self.enable_auth = enable_auth
+        self.allow_new_clients = allow_new_clients
+        self.calls = 0
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
+        self.calls += 1
+        return defer.maybeDeferred(self._check, credentials)
+
+    def _check(self, credentials: Any) -> Any:
+        info: ConnectionInfo = getattr(credentials, "connection", None) or ConnectionInfo("?")
+        try:
+            username = normalise(credentials.username, "user name")
+        except InvalidName as exc:
+            raise Refused(str(exc), reason="bad user name") from None
+        try:
+            key = keys.Key.fromString(credentials.blob, type="blob")
+        except (keys.BadKeyError, ValueError) as exc:
+            raise Refused(f"unsupported or malformed key: {exc}", reason="bad key") from None
+        if key.type() == "RSA" and key.size() < MIN_RSA_BITS:
+            raise Refused(
+                f"RSA keys need at least {MIN_RSA_BITS} bits", reason="weak key"
+            ) from None
+        if credentials.algName == b"ssh-rsa":
+            raise Refused(
+                "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256/512",
+                reason="sha1 signature",
+            )
+        blob = credentials.blob
+        entry: authkeys.AuthorizedKey | None = None
+        if self.enable_auth:
+            try:
+                entry = self.keys_file.lookup(blob)
+            except authkeys.AuthorizedKeysUnavailable:
+                raise Refused(
+                    "the server cannot read its authorized keys; try again later",
+                    reason="authorized_keys unavailable",
+                ) from None
+            if entry is not None and entry.denied:
+                raise Refused("this key is denied", reason="denied")
+            if entry is not None and not authkeys.from_allows(entry, info.peer):
+                raise Refused(f"this key is not allowed from {info.peer}", reason="from")
+            if entry is None and not self.allow_new_clients:
+                raise Refused("this key is not authorized", reason="unknown key")
+        if credentials.signature is None:
+            raise conch_error.ValidPublicKey()
+        if not key.verify(credentials.signature, credentials.sigData):
+            raise Refused("bad signature", reason="bad signature")
+        if not self.enable_auth:
+            return self._identity(username, key, None, ALL_ACCESS, info)
+        if entry is None:
+            return self._trust_on_first_use(username, key, info)
+        return self._identity(username, key, entry, entry.access - {"denied"}, info)
+
+    def _trust_on_first_use(
+        self, username: str, key: keys.Key, info: ConnectionInfo
+    ) -> defer.Deferred[Identity]:
+        entry = authkeys.AuthorizedKey(
+            options=tuple(("access", a) for a in authkeys.TOFU_ACCESS),
+            keytype=key.sshType().decode("ascii"),
+            blob=key.blob(),
+            comment=f"{username}@{info.peer}",
+        )
+
+        def appended(_: object) -> Identity:
+            log.info(
+                "conn {conn_id}: trusted new key {fingerprint} for {user} on first use",
+                conn_id=info.conn_id,
+                fingerprint=fingerprint(entry.blob),
+                user=username,
+            )
+            current = self.keys_file.lookup(entry.blob) or entry
+            if current.denied:
+                raise Refused("this key is denied", reason="denied")
+            identity = self._identity(username, key, current, current.access - {"denied"}, info)
+            return Identity(**{**identity.__dict__, "new_key": True})
+
+        def failed(reason: Failure) -> Identity:
+            reason.trap(OSError)
+            log.error(
+                "conn {conn_id}: cannot persist new key {fingerprint}: {error}",
+                conn_id=info.conn_id,
+                fingerprint=fingerprint(entry.blob),
+                error=str(reason.value),
+            )
+            raise Refused("the server cannot persist your key; try again later", reason="io")
+
+        d = threads.deferToThread(self.keys_file.append, entry)
+        d.addCallbacks(appended, failed)
+        return d
+
+    def _identity(
+        self,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+        access: frozenset[str],
+        info: ConnectionInfo,
+    ) -> Identity:
+        hostname = username
+        extra: list[str] = []
+        if entry is not None:
+            try:
+                if entry.hostname:
+                    hostname = normalise(entry.hostname, "hostname option")
+                extra = [normalise(a, "alias option") for a in entry.aliases]
+            except InvalidName as exc:
+                raise Refused(f"authorized_keys line {entry.lineno}: {exc}", reason="bad option")
+        blob = key.blob()
+        aliases = (generated_alias(self.secret, blob, hostname), *extra)
+        return Identity(
+            username=username,
+            hostname=hostname,
+            aliases=tuple(dict.fromkeys(aliases)),
+            access=frozenset(access),
+            fingerprint=fingerprint(blob),
+            key_blob=blob,
+            peer=info.peer,
+            lineno=entry.lineno if entry is not None else 0,
+        )
+
+
+class _PortalProxy:
+    """Gives the checker the peer address, which Conch does not pass on."""
+
+    def __init__(self, portal: Any, info: ConnectionInfo) -> None:
+        self._portal = portal
+        self._info = info
+
+    def listCredentialsInterfaces(self) -> list[Any]:
+        return self._portal.listCredentialsInterfaces()  # type: ignore[no-any-return]
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
+        credentials.connection = self._info
+        return self._portal.login(credentials, self._info, *interfaces)
+
+
+class SwitchboardUserAuth(userauth.SSHUserAuthServer):
+    """Public key only, bounded attempts, one login at a time, and readable refusals."""
+
+    maxNoneAttempts = 10
+
+    def serviceStarted(self) -> None:
+        factory = self.transport.factory
+        self.loginTimeout = max(1, factory.config.login_grace_time or 3600)
+        self.attemptsBeforeDisconnect = factory.config.max_auth_tries - 1
+        self.clock = self.transport.clock
+        super().serviceStarted()
+        self.supportedAuthentications = [b"publickey"]
+        self.info = ConnectionInfo(peer=self.transport._peerHost, conn_id=self.transport.connId)
+        self.portal = _PortalProxy(factory.portal, self.info)
+        self._queue: list[bytes] = []
+        self._busy = False
+        self._noneAttempts = 0
+        self._shown: set[str] = set()
+        self._firstUser: bytes | None = None
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        """Serialise pipelined requests so that at most one login can ever succeed."""
+        if hasattr(self.transport, "avatar"):
+            return None
+        if self._busy:
+            if len(self._queue) >= self.attemptsBeforeDisconnect + 2:
+                self.transport.protocolError("too many pipelined authentication requests")
+                return None
+            self._queue.append(packet)
+            return None
+        user = userauth.getNS(packet)[0]
+        if self._firstUser is None:
+            self._firstUser = user
+        elif user != self._firstUser:
+            self.transport.protocolError("user name changed during authentication")
+            return None
+        method = userauth.getNS(packet, 3)[2]
+        if method == b"none":
+            self._noneAttempts += 1
+            if self._noneAttempts > self.maxNoneAttempts:
+                self.transport.protocolError("too many 'none' authentication requests")
+                return None
+        self._busy = True
+        d = super().ssh_USERAUTH_REQUEST(packet)
+        if d is None:
+            self._next()
+            return None
+        d.addBoth(self._done)
+        return d
+
+    def _done(self, result: object) -> object:
+        self._busy = False
+        if not hasattr(self.transport, "avatar") and self.transport.transport is not None:
+            self._next()
+        return None if isinstance(result, Failure) else result
+
+    def _next(self) -> None:
+        self._busy = False
+        if self._queue and not getattr(self.transport.transport, "disconnecting", False):
+            self.ssh_USERAUTH_REQUEST(self._queue.pop(0))
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if isinstance(reason.value, Refused):
+            refusal = reason.value
+            if refusal.message not in self._shown:
+                self._shown.add(refusal.message)
+                self.sendBanner(f"nuttconch: {refusal.message}\r\n")
+            log.info(
+                "conn {conn_id} from {peer}: login refused for {user}: {reason}",
+                conn_id=self.info.conn_id,
+                peer=self.info.peer,
+                user=escape(self.user or b""),
+                reason=refusal.reason,
+                message=refusal.message,
+            )
+            self.transport.factory.authFailed(self.info.peer, refusal.reason)
+        elif not reason.check(conch_error.IgnoreAuthentication) and self.method != b"none":
+            self.transport.factory.authFailed(self.info.peer, "failed")
+        if not reason.check(
+            conch_error.IgnoreAuthentication, UnauthorizedLogin, conch_error.ConchError
+        ):
+            log.failure("unexpected error checking a login", failure=reason)
+            reason = Failure(UnauthorizedLogin("internal error"))
+        super()._ebBadAuth(reason)
+
+    def sendBanner(self, text: str) -> None:
+        """A USERAUTH_BANNER: the only text OpenSSH shows before login, even with -N."""
+        self.transport.sendPacket(userauth.MSG_USERAUTH_BANNER, NS(text.encode("utf-8")) + NS(b""))
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        _, avatar, _ = result
+        self.transport.factory.authSucceeded(self.info.peer)
+        log.info(
+            "conn {conn_id} from {peer}: authenticated {hostname} key {fingerprint}"
+            " access {access}{new}",
+            conn_id=self.info.conn_id,
+            peer=self.info.peer,
+            hostname=avatar.identity.hostname,
+            fingerprint=avatar.identity.fingerprint,
+            access=",".join(sorted(avatar.identity.access)) or "none",
+            new=" (new key)" if avatar.identity.new_key else "",
+        )
+        super()._cbFinishedAuth(result)

@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.test_e2e -*-
+"""The realm and the avatar: what one authenticated key may do on its connection.
+
+The avatar owns everything its connection registered, so ``logout`` (which
+Conch calls after every channel is closed) is the single place where an
+initiator's names and ports leave the registry.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.avatar import ConchUser
+from twisted.conch.interfaces import IConchUser, ISession
+from twisted.conch.ssh import forwarding
+from twisted.cred.portal import IRealm
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .auth import ConnectionInfo, Identity
+from .connection import OpenRefused
+from .names import escape
+from .registry import IRegistry, Listener, PortInUse
+
+log = Logger()
+
+
+class SwitchboardAvatar(ConchUser):
+    """An authenticated key: global requests, sessions, and its registry entry."""
+
+    def __init__(self, identity: Identity, info: ConnectionInfo, factory: Any) -> None:
+        super().__init__()
+        self.identity = identity
+        self.info = info
+        self.factory = factory
+        self.registry: IRegistry = factory.registry
+        self.listener: Listener | None = None
+        self.sessions: list[Any] = []
+        self.loggedOut = False
+        from .session import SwitchboardSession
+
+        self.channelLookup[b"session"] = SwitchboardSession
+
+    def __conform__(self, interface: Any) -> Any:
+        if interface is ISession:
+            from .session import SessionHandler
+
+            return SessionHandler(self)
+        return None
+
+    @property
+    def config(self) -> Any:
+        return self.factory.config
+
+    def holdsPorts(self) -> bool:
+        return bool(self.listener and self.listener.ports)
+
+    # tcpip-forward
+
+    def global_tcpip_forward(self, data: bytes) -> Any:
+        if "initiate" not in self.identity.access:
+            self._refuseForward("key lacks access=initiate")
+            return 0
+        try:
+            host, port = forwarding.unpackGlobal_tcpip_forward(data)
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError):
+            self._refuseForward("malformed request")
+            return 0
+        if not 0 <= port <= 65535 or len(host) > 255:
+            self._refuseForward(f"bad port {port}")
+            return 0
+        listener = self._ensureListener()
+        if port != 0 and port in listener.ports:
+            self._refuseForward(f"port {port} is already forwarded on this connection")
+            return 0
+        if len(listener.ports) >= self.config.max_forwards:
+            self._refuseForward(f"more than {self.config.max_forwards} forwards")
+            return 0
+        try:
+            allocated = self.registry.add_port(listener, host, port)
+        except PortInUse as exc:
+            self._refuseForward(str(exc))
+            return 0
+        log.info(
+            "conn {conn_id}: {name} forwards virtual port {port}",
+            conn_id=self.info.conn_id,
+            name=listener.connect_name,
+            port=allocated,
+        )
+        for session in list(self.sessions):
+            session.portAdded(allocated)
+        self.conn.touch()
+        if port == 0:
+            return 1, struct.pack(">L", allocated)
+        return 1
+
+    def global_cancel_tcpip_forward(self, data: bytes) -> int:
+        try:
+            host, port = forwarding.unpackGlobal_tcpip_forward(data)
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError):
+            return 0
+        if self.listener is None or not self.registry.remove_port(self.listener, port):
+            return 0
+        log.info(
+            "conn {conn_id}: {name} cancelled virtual port {port}",
+            conn_id=self.info.conn_id,
+            name=self.listener.connect_name,
+            port=port,
+        )
+        self.conn.touch()
+        return 1
+
+    def _refuseForward(self, why: str) -> None:
+        log.info(
+            "conn {conn_id}: forward refused for {hostname}: {why}",
+            conn_id=self.info.conn_id,
+            hostname=self.identity.hostname,
+            why=escape(why),
+        )
+
+    def _ensureListener(self) -> Listener:
+        if self.listener is None:
+            self.listener = Listener(
+                self.identity.hostname,
+                self.identity.aliases,
+                peer=self.info.peer,
+                fingerprint=self.identity.fingerprint,
+                opener=self,
+            )
+        return self.listener
+
+    def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> Any:
+        if self.loggedOut:
+            raise OpenRefused(2, "initiator is gone")
+        return self.conn.openForwarded(bindHost, port, origin)
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """Dispatch like ConchUser, but never let a handler's bug drop the connection."""
+        try:
+            return super().gotGlobalRequest(requestType, data)
+        except UnicodeDecodeError:
+            return 0
+        except Exception:
+            log.failure("global request {name} failed", name=escape(requestType))
+            return 0
+
+    def logout(self) -> None:
+        """Unregister everything this connection held; called once, after channels close."""
+        if self.loggedOut:
+            return
+        self.loggedOut = True
+        if self.listener is not None:
+            self.registry.remove_listener(self.listener)
+        self.factory.loggedOut(self)
+
+
+@implementer(IRealm)
+class SwitchboardRealm:
+    """Builds avatars from the checker's Identity and the connection info."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.avatars = 0
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        if IConchUser not in interfaces:
+            raise NotImplementedError("only SSH users are supported")
+        self.avatars += 1
+        info = mind if isinstance(mind, ConnectionInfo) else ConnectionInfo(peer="?")
+        avatar = SwitchboardAvatar(avatarId, info, self.factory)
+        self.factory.loggedIn(avatar)
+        return IConchUser, avatar, avatar.logout

@@ -1,0 +1,191 @@
+# -*- test-case-name: tests.test_circuit -*-
+"""The splice: two SSH channels joined into one circuit with real backpressure.
+
+Conch refills a channel's receive window as soon as data arrives, whether
+or not anyone consumed it, so a naive splice buffers without limit when
+one side is slower.  Here each end grants window back to its sender only
+for bytes its peer has actually passed on (not those still queued in the
+peer's write buffer), so a circuit holds at most about one window per
+direction, whatever the speeds.  EOF waits for the peer's buffer to drain,
+and a close from either side closes both ends.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.conch.ssh import channel
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class CircuitEnd(channel.SSHChannel):
+    """One side of a circuit; ``peer`` is the other side once both are open."""
+
+    manualWindow = True
+    log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.peer: CircuitEnd | None = None
+        self.held = 0
+        self.eofPending = False
+        self.bytesIn = 0
+        self.circuit: Circuit | None = None
+
+    # receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        peer = self.peer
+        if peer is None or peer.localClosed:
+            return
+        self.held += len(data)
+        peer.write(data)
+        self.grant()
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        """Extended data has no meaning on a TCP circuit; give its window back."""
+        if self.conn is not None and not self.localClosed:
+            self.conn.adjustWindow(self, len(data))
+
+    def grant(self) -> None:
+        """Re-open the window for bytes the peer has passed on."""
+        peer = self.peer
+        queued = len(peer.buf) if peer is not None else 0
+        grantable = self.held - queued
+        if grantable > 0 and (
+            grantable >= self.localWindowSize // 2 or self.localWindowLeft < self.localMaxPacket
+        ):
+            self.held -= grantable
+            self.conn.adjustWindow(self, grantable)
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self.buf:
+            return
+        if self.eofPending and not self.localClosed:
+            self.eofPending = False
+            self.conn.sendEOF(self)
+        peer = self.peer
+        if peer is not None and not peer.localClosed:
+            peer.grant()
+
+    def eofReceived(self) -> None:
+        peer = self.peer
+        if peer is None or peer.localClosed:
+            return
+        if peer.buf:
+            peer.eofPending = True
+        else:
+            peer.conn.sendEOF(peer)
+
+    def closeReceived(self) -> None:
+        """The remote end is gone: nothing more can be sent to it, so close at once."""
+        self.buf = b""
+        self.eofPending = False
+        if self.conn is not None:
+            self.conn.sendClose(self)
+        peer = self.peer
+        if peer is not None and not peer.localClosed:
+            peer.loseConnection()
+
+    def loseConnection(self) -> None:
+        """Close after the write buffer drains (pending EOF first, if any)."""
+        self.closing = 1
+        if not self.buf and self.conn is not None:
+            if self.eofPending and not self.localClosed:
+                self.eofPending = False
+                self.conn.sendEOF(self)
+            self.conn.sendClose(self)
+
+    def closed(self) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.peer = None
+            if not peer.localClosed:
+                peer.loseConnection()
+        if self.circuit is not None:
+            self.circuit.endClosed(self)
+
+
+class ClientEnd(CircuitEnd):
+    """The client's ``direct-tcpip`` channel (``ssh -L/-W/-J/-D``)."""
+
+    name = b"direct-tcpip"
+
+    def openFailed(self, reason: Any) -> None:
+        pass
+
+
+class InitiatorEnd(CircuitEnd):
+    """The ``forwarded-tcpip`` channel the server opens toward the initiator."""
+
+    name = b"forwarded-tcpip"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened: defer.Deferred[InitiatorEnd] = defer.Deferred()
+        self.abandoned = False
+
+    def channelOpen(self, specificData: bytes) -> None:
+        if self.abandoned:
+            # The client gave up (timeout, or its connection died) before the answer came.
+            self.loseConnection()
+        else:
+            self.opened.callback(self)
+
+    def openFailed(self, reason: Any) -> None:
+        if not self.abandoned:
+            self.opened.errback(reason)
+
+
+class Circuit:
+    """Bookkeeping for one spliced pair: ids, bytes and lifetime for logs and status."""
+
+    def __init__(self, circuit_id: int, target: str, client_peer: str) -> None:
+        self.id = circuit_id
+        self.target = target
+        self.client_peer = client_peer
+        self.started = time.monotonic()
+        self.client: ClientEnd | None = None
+        self.initiator: InitiatorEnd | None = None
+        self.onClose: list[Any] = []
+        self._done = False
+
+    def link(self, client: ClientEnd, initiator: InitiatorEnd) -> None:
+        self.client, self.initiator = client, initiator
+        client.peer, initiator.peer = initiator, client
+        client.circuit = initiator.circuit = self
+
+    @property
+    def bytes_up(self) -> int:
+        """Client to initiator."""
+        return self.client.bytesIn if self.client else 0
+
+    @property
+    def bytes_down(self) -> int:
+        return self.initiator.bytesIn if self.initiator else 0
+
+    def endClosed(self, end: CircuitEnd) -> None:
+        if self._done:
+            return
+        if self.client is not None and self.initiator is not None:
+            if not (self.client.localClosed and self.initiator.localClosed):
+                return
+        self._done = True
+        log.info(
+            "circuit {circuit_id} to {target} from {client} closed: {bytes_up} bytes up,"
+            " {bytes_down} bytes down, {duration:.3f}s",
+            circuit_id=self.id,
+            target=self.target,
+            client=self.client_peer,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            duration=time.monotonic() - self.started,
+        )
+        for callback in self.onClose:
+            callback(self)

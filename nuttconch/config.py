@@ -1,0 +1,230 @@
+# -*- test-case-name: tests.test_config -*-
+"""nuttssh.ini: the original Nuttssh keys plus nuttconch's own, all validated at start.
+
+Every key is declared once in ``SCHEMA`` with its type and default, so that
+a typo or a bad value stops start-up with one line naming the file, the key
+and the problem, instead of surfacing later as a strange runtime failure.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_VAR = "NUTTSSH_CONFIG_FILE"
+DEFAULT_PATH = "nuttssh.ini"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; str() is the one line shown to the operator."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """OpenSSH-style time: plain seconds or a suffix s/m/h (``2m``, ``30``)."""
+    stripped = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(stripped[-1:], None)
+    number = stripped[:-1] if scale else stripped
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError("expected a time such as 30, 30s, 2m or 1h") from None
+    if value < 0 or value > 7 * 86400:
+        raise ValueError("expected a time from 0 to 7 days")
+    return value
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _startups(text: str) -> tuple[int, int, int]:
+    """MaxStartups syntax: ``start:rate:full`` or a single number."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) == 1:
+            full = int(parts[0])
+            return full, 100, full
+        if len(parts) == 3:
+            start, rate, full = (int(p) for p in parts)
+            if 0 < start <= full and 0 <= rate <= 100:
+                return start, rate, full
+    except ValueError:
+        pass
+    raise ValueError("expected start:rate:full (for example 10:30:100) or one number")
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("expected a comma-separated list of algorithm names")
+    return names
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    parse: Callable[[str], Any]
+    default: str
+    doc: str
+
+
+SCHEMA: tuple[Setting, ...] = (
+    # The original Nuttssh keys, unchanged.
+    Setting("server", "listen_host", _text, "0.0.0.0", "address to listen on"),
+    Setting("server", "listen_port", _int_range(0, 65535), "2222", "TCP port to listen on"),
+    Setting("server", "server_fqdn", _text, "localhost", "host name shown in connect commands"),
+    Setting("server", "enable_auth", _bool, "true", "false lets anyone in with every permission"),
+    Setting("server", "allow_new_clients", _bool, "true", "trust unknown keys on first use"),
+    Setting("server", "allow_pty", _bool, "true", "accept pty requests"),
+    Setting("server", "enable_shell", _bool, "true", "admin keys get an interactive shell"),
+    Setting("keys", "host_key_dir", _text, "keys", "directory for host keys and secrets"),
+    Setting(
+        "keys", "host_key_ecdsa", _text, "%(host_key_dir)s/ssh_host_ecdsa_key", "ECDSA host key"
+    ),
+    Setting(
+        "keys",
+        "host_key_ed25519",
+        _text,
+        "%(host_key_dir)s/ssh_host_ed25519_key",
+        "Ed25519 host key",
+    ),
+    Setting("keys", "host_key_rsa", _text, "%(host_key_dir)s/ssh_host_rsa_key", "RSA host key"),
+    Setting(
+        "keys",
+        "authorized_keys_file",
+        _text,
+        "%(host_key_dir)s/authorized_keys",
+        "authorized_keys in OpenSSH format",
+    ),
+    # nuttconch's own, with OpenSSH's names and defaults where one exists.
+    Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
+    Setting("server", "max_auth_tries", _int_range(1, 100), "6", "auth attempts per connection"),
+    Setting("server", "max_startups", _startups, "10:30:100", "unauthenticated connections"),
+    Setting(
+        "server",
+        "per_source_max_startups",
+        _int_range(1, 100000),
+        "20",
+        "unauthenticated connections from one address",
+    ),
+    Setting("server", "client_alive_interval", _seconds, "15", "server keepalive period (0: off)"),
+    Setting(
+        "server",
+        "client_alive_count_max",
+        _int_range(1, 1000),
+        "3",
+        "unanswered keepalives before disconnect",
+    ),
+    Setting(
+        "server",
+        "unused_connection_timeout",
+        _seconds,
+        "0",
+        "close connections that hold no forward or channel (0: off)",
+    ),
+    Setting("server", "channel_open_timeout", _seconds, "15", "wait for an initiator's answer"),
+    Setting("server", "max_forwards", _int_range(1, 65535), "64", "virtual ports per connection"),
+    Setting("server", "max_channels", _int_range(1, 65535), "1024", "channels per connection"),
+    Setting(
+        "server",
+        "channel_window",
+        _int_range(32768, 16 * 1024 * 1024),
+        "2097152",
+        "receive window per circuit end, bytes",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings; attribute names are the ini keys."""
+
+    path: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def listen_endpoint(self) -> str:
+        """Twisted endpoint description for the SSH listener."""
+        host = self.values["listen_host"].replace(":", "\\:")
+        port = self.values["listen_port"]
+        if host in ("", "*"):
+            return f"tcp:{port}"
+        return f"tcp:{port}:interface={host}"
+
+
+def resolve_path(explicit: str | None = None) -> str:
+    """The config path: ``--config``, else ``$NUTTSSH_CONFIG_FILE``, else ``./nuttssh.ini``."""
+    return explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(path: str | None = None, *, required: bool = False) -> Config:
+    """Read and validate the file; a missing default file means all defaults.
+
+    A missing file that the user named explicitly is an error, since
+    silently running on defaults would listen somewhere unexpected.
+    """
+    resolved = resolve_path(path)
+    parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
+    defaults: dict[str, dict[str, str]] = {}
+    for s in SCHEMA:
+        defaults.setdefault(s.section, {})[s.key] = s.default
+    parser.read_dict(defaults)
+    explicit = required or path is not None or ENV_VAR in os.environ
+    try:
+        with open(resolved, encoding="utf-8") as handle:
+            parser.read_file(handle, source=resolved)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{resolved}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{resolved}: cannot read: {exc}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"{resolved}: {' '.join(str(exc).split())}") from None
+    known = {(s.section, s.key) for s in SCHEMA}
+    for section in parser.sections():
+        for key in parser[section]:
+            if (section, key) not in known and section in {"server", "keys"}:
+                raise ConfigError(f"{resolved}: [{section}] {key}: unknown key")
+    values: dict[str, Any] = {}
+    for s in SCHEMA:
+        try:
+            raw = parser.get(s.section, s.key)
+        except configparser.Error as exc:
+            raise ConfigError(f"{resolved}: [{s.section}] {s.key}: {exc.message}") from None
+        try:
+            values[s.key] = s.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{resolved}: [{s.section}] {s.key} = {raw!r}: {exc}") from None
+    return Config(path=resolved, values=values)

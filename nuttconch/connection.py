@@ -1,0 +1,414 @@
+# -*- test-case-name: tests.test_circuits -*-
+"""The ssh-connection service: channel-open policy, circuits, flow control, keepalive.
+
+Conch confirms a channel open synchronously and refills windows on its
+own; a switchboard must instead confirm a client's ``direct-tcpip`` only
+once the initiator has accepted the matching ``forwarded-tcpip`` (so a
+refusal reaches the client as an open failure, not a silent close), and
+must withhold window until data has really moved on.  Both live here, as
+do the guards against channel ids and messages that a peer invents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import TYPE_CHECKING, Any
+
+from twisted.conch.ssh import common, connection, forwarding
+from twisted.internet import task
+from twisted.logger import Logger
+
+from .circuit import Circuit, ClientEnd, InitiatorEnd
+from .names import escape
+from .registry import NotFound
+
+if TYPE_CHECKING:
+    from .avatar import SwitchboardAvatar
+
+OPEN_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
+OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
+OPEN_UNKNOWN_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
+OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
+
+_circuit_ids = itertools.count(1)
+_MAX_WINDOW = 0xFFFFFFFF
+# Channel messages whose first field is our channel id, and whether the channel must be open.
+_CHANNEL_MESSAGES = {
+    connection.MSG_CHANNEL_OPEN_CONFIRMATION: False,
+    connection.MSG_CHANNEL_OPEN_FAILURE: False,
+    connection.MSG_CHANNEL_WINDOW_ADJUST: True,
+    connection.MSG_CHANNEL_DATA: True,
+    connection.MSG_CHANNEL_EXTENDED_DATA: True,
+    connection.MSG_CHANNEL_EOF: True,
+    connection.MSG_CHANNEL_CLOSE: True,
+    connection.MSG_CHANNEL_REQUEST: True,
+    connection.MSG_CHANNEL_SUCCESS: True,
+    connection.MSG_CHANNEL_FAILURE: True,
+}
+
+
+class OpenRefused(Exception):
+    """A channel open we refuse; ``code`` is the SSH reason code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class SwitchboardConnection(connection.SSHConnection):
+    """One authenticated SSH connection, as client, initiator, or both."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pendingOpens: dict[int, Any] = {}
+        self.circuits: set[Circuit] = set()
+        self._keepalive: task.LoopingCall | None = None
+        self._unanswered = 0
+        self._idleCall: Any = None
+        self.stopped = False
+
+    @property
+    def avatar(self) -> SwitchboardAvatar:
+        return self.transport.avatar  # type: ignore[no-any-return]
+
+    @property
+    def config(self) -> Any:
+        return self.transport.factory.config
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        interval = self.config.client_alive_interval
+        if interval > 0:
+            self._keepalive = task.LoopingCall(self._sendKeepalive)
+            self._keepalive.clock = self.transport.clock
+            self._keepalive.start(interval, now=False)
+        self.touch()
+
+    def serviceStopped(self) -> None:
+        self.stopped = True
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        for pending in list(self.pendingOpens.values()):
+            pending.cancel()
+        self.pendingOpens.clear()
+        super().serviceStopped()
+
+    # keepalive and idle timeout
+
+    def _sendKeepalive(self) -> None:
+        if self._unanswered >= self.config.client_alive_count_max:
+            self.log.info(
+                "conn {conn_id}: no answer to {count} keepalives, disconnecting",
+                conn_id=self.transport.connId,
+                count=self._unanswered,
+            )
+            self.transport.sendDisconnect(
+                connection.transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout"
+            )
+            return
+        self._unanswered += 1
+        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        d.addBoth(self._keepaliveAnswered)
+
+    def _keepaliveAnswered(self, _: object) -> None:
+        # OpenSSH answers FAILURE to unknown global requests: any answer means alive.
+        self._unanswered = 0
+
+    def touch(self) -> None:
+        """Restart the unused-connection timer when the connection holds nothing."""
+        timeout = self.config.unused_connection_timeout
+        if timeout <= 0 or self.stopped:
+            return
+        busy = bool(self.channels or self.pendingOpens or self.avatar.holdsPorts())
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        if not busy:
+            self._idleCall = self.transport.clock.callLater(timeout, self._idleTimeout)
+
+    def _idleTimeout(self) -> None:
+        self._idleCall = None
+        self.log.info(
+            "conn {conn_id}: unused for {timeout}s, disconnecting",
+            conn_id=self.transport.connId,
+            timeout=self.config.unused_connection_timeout,
+        )
+        self.transport.sendDisconnect(
+            connection.transport.DISCONNECT_BY_APPLICATION, b"unused connection timeout"
+        )
+
+    # message guards
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> Any:
+        """Refuse messages naming channels that do not exist, instead of crashing."""
+        mustBeOpen = _CHANNEL_MESSAGES.get(messageNum)
+        if mustBeOpen is not None:
+            (localChannel,) = struct.unpack(">L", packet[:4])
+            chan = self.channels.get(localChannel)
+            if chan is None:
+                self.transport.protocolError(f"message {messageNum} for unknown channel")
+                return None
+            isOpen = chan in self.channelsToRemoteChannel
+            if mustBeOpen != isOpen:
+                self.transport.protocolError(f"message {messageNum} in wrong channel state")
+                return None
+        return super().packetReceived(messageNum, packet)
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
+        localChannel, bytesToAdd = struct.unpack(">2L", packet[:8])
+        chan = self.channels[localChannel]
+        if chan.remoteWindowLeft + bytesToAdd > _MAX_WINDOW:
+            self.transport.protocolError("window adjust overflows 2^32-1")
+            return
+        chan.addWindowBytes(bytesToAdd)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        """Data for circuit ends does not auto-refill the window: the splice grants it."""
+        localChannel, dataLength = struct.unpack(">2L", packet[:8])
+        chan = self.channels[localChannel]
+        if not getattr(chan, "manualWindow", False):
+            return super().ssh_CHANNEL_DATA(packet)
+        if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
+            self.transport.protocolError("channel data exceeds the window or packet size")
+            return None
+        data = packet[8 : 8 + dataLength]
+        if len(data) != dataLength:
+            self.transport.protocolError("truncated channel data")
+            return None
+        chan.localWindowLeft -= dataLength
+        if chan.localClosed:
+            return None
+        chan.dataReceived(data)
+        return None
+
+    def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
+        localChannel = struct.unpack(">L", packet[:4])[0]
+        chan = self.channels[localChannel]
+        if not chan.localClosed:
+            chan.eofReceived()
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
+        localChannel = struct.unpack(">L", packet[:4])[0]
+        chan = self.channels[localChannel]
+        if chan.localClosed:
+            return None
+        return super().ssh_CHANNEL_REQUEST(packet)
+
+    def ssh_CHANNEL_CLOSE(self, packet: bytes) -> None:
+        localChannel = struct.unpack(">L", packet[:4])[0]
+        chan = self.channels[localChannel]
+        if chan.remoteClosed:
+            return
+        super().ssh_CHANNEL_CLOSE(packet)
+        self.touch()
+
+    def channelClosed(self, channel: Any) -> None:
+        super().channelClosed(channel)
+        self.touch()
+
+    # channel opens
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channelType, rest = common.getNS(packet)
+        senderChannel, windowSize, maxPacket = struct.unpack(">3L", rest[:12])
+        extra = rest[12:]
+        try:
+            if (
+                senderChannel in self.pendingOpens
+                or senderChannel in self.localToRemoteChannel.values()
+            ):
+                raise OpenRefused(OPEN_PROHIBITED, "channel id already in use")
+            if len(self.channels) + len(self.pendingOpens) >= self.config.max_channels:
+                raise OpenRefused(OPEN_RESOURCE_SHORTAGE, "too many open channels")
+            if maxPacket < 1:
+                raise OpenRefused(OPEN_PROHIBITED, "maximum packet size 0 is not usable")
+            if channelType == b"direct-tcpip":
+                self._openCircuit(senderChannel, windowSize, maxPacket, extra)
+                return
+            if channelType not in self.avatar.channelLookup:
+                raise OpenRefused(OPEN_UNKNOWN_TYPE, f"unknown channel type {escape(channelType)}")
+        except OpenRefused as refused:
+            self.refuseOpen(senderChannel, refused.code, refused.message)
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+        self.touch()
+
+    def refuseOpen(self, senderChannel: int, code: int, message: str) -> None:
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", senderChannel, code)
+            + common.NS(message.encode("ascii", "replace"))
+            + common.NS(b""),
+        )
+
+    def _openCircuit(
+        self, senderChannel: int, windowSize: int, maxPacket: int, extra: bytes
+    ) -> None:
+        avatar = self.avatar
+        peer = self.transport._peerHost
+        if "listen" not in avatar.identity.access:
+            self.log.info(
+                "conn {conn_id}: circuit refused, key {fingerprint} lacks access=listen",
+                conn_id=self.transport.connId,
+                fingerprint=avatar.identity.fingerprint,
+            )
+            raise OpenRefused(OPEN_PROHIBITED, "permission denied: this key may not open circuits")
+        try:
+            (host, port), (origHost, origPort) = forwarding.unpackOpen_direct_tcpip(extra)
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError):
+            raise OpenRefused(OPEN_CONNECT_FAILED, "malformed direct-tcpip request") from None
+        if len(host) > 255 or not 0 < port <= 65535:
+            raise OpenRefused(OPEN_CONNECT_FAILED, "no such listener: bad name or port")
+        registry = self.transport.factory.registry
+        try:
+            listener, bindHost = registry.resolve(host, port)
+        except NotFound as exc:
+            self.log.info(
+                "conn {conn_id}: circuit to {target}:{port} refused: {reason}",
+                conn_id=self.transport.connId,
+                target=escape(host),
+                port=port,
+                reason=str(exc),
+            )
+            raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
+        target = f"{listener.connect_name}:{port}"
+        circuit = Circuit(next(_circuit_ids), target, peer)
+        origin = (peer, self.transport.transport.getPeer().port)
+        try:
+            initiatorEnd = listener.opener.openForwarded(bindHost, port, origin)
+        except OpenRefused:
+            raise
+        pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
+        self.pendingOpens[senderChannel] = pending
+        pending.start(self.config.channel_open_timeout, self.transport.clock)
+
+    def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> InitiatorEnd:
+        """Open the ``forwarded-tcpip`` channel toward this (initiator) connection."""
+        if self.stopped:
+            raise OpenRefused(OPEN_CONNECT_FAILED, "initiator is gone")
+        if len(self.channels) >= self.config.max_channels:
+            raise OpenRefused(OPEN_RESOURCE_SHORTAGE, "initiator has too many open channels")
+        end = InitiatorEnd(
+            localWindow=self.config.channel_window,
+            localMaxPacket=32768,
+            conn=self,
+            avatar=self.avatar,
+        )
+        self.openChannel(end, forwarding.packOpen_forwarded_tcpip((bindHost, port), origin))
+        self.touch()
+        return end
+
+    def completeOpen(self, pending: PendingOpen, initiatorEnd: InitiatorEnd) -> None:
+        """The initiator accepted: register and confirm the client's channel, then splice."""
+        del self.pendingOpens[pending.senderChannel]
+        client = ClientEnd(
+            localWindow=self.config.channel_window,
+            localMaxPacket=32768,
+            remoteWindow=pending.windowSize,
+            remoteMaxPacket=pending.maxPacket,
+            conn=self,
+            avatar=self.avatar,
+        )
+        localChannel = self.localChannelID
+        self.localChannelID += 1
+        client.id = localChannel
+        self.channels[localChannel] = client
+        self.channelsToRemoteChannel[client] = pending.senderChannel
+        self.localToRemoteChannel[localChannel] = pending.senderChannel
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(
+                ">4L",
+                pending.senderChannel,
+                localChannel,
+                client.localWindowSize,
+                client.localMaxPacket,
+            ),
+        )
+        circuit = pending.circuit
+        circuit.link(client, initiatorEnd)
+        self.circuits.add(circuit)
+        circuit.onClose.append(self.circuits.discard)
+        factory = self.transport.factory
+        factory.circuitOpened(circuit)
+        self.log.info(
+            "circuit {circuit_id} to {target} from {client} opened",
+            circuit_id=circuit.id,
+            target=circuit.target,
+            client=circuit.client_peer,
+        )
+
+    def failOpen(self, pending: PendingOpen, message: str) -> None:
+        self.pendingOpens.pop(pending.senderChannel, None)
+        if not self.stopped:
+            self.refuseOpen(pending.senderChannel, OPEN_CONNECT_FAILED, message)
+            self.log.info(
+                "circuit to {target} from {client} failed: {reason}",
+                target=pending.circuit.target,
+                client=pending.circuit.client_peer,
+                reason=message,
+            )
+            self.touch()
+
+
+class PendingOpen:
+    """A client's direct-tcpip waiting for the initiator's answer, with a deadline."""
+
+    def __init__(
+        self,
+        conn: SwitchboardConnection,
+        senderChannel: int,
+        windowSize: int,
+        maxPacket: int,
+        circuit: Circuit,
+        initiatorEnd: InitiatorEnd,
+    ) -> None:
+        self.conn = conn
+        self.senderChannel = senderChannel
+        self.windowSize = windowSize
+        self.maxPacket = maxPacket
+        self.circuit = circuit
+        self.initiatorEnd = initiatorEnd
+        self.timer: Any = None
+
+    def start(self, timeout: float, clock: Any) -> None:
+        if timeout > 0:
+            self.timer = clock.callLater(timeout, self._timedOut)
+        self.initiatorEnd.opened.addCallbacks(self._accepted, self._refused)
+
+    def _stopTimer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _accepted(self, end: InitiatorEnd) -> None:
+        self._stopTimer()
+        if self.conn.stopped:
+            end.loseConnection()
+            return
+        self.conn.completeOpen(self, end)
+
+    def _refused(self, reason: Any) -> None:
+        self._stopTimer()
+        detail = getattr(reason.value, "value", None)
+        if isinstance(detail, bytes) and detail:
+            text = f"initiator refused: {escape(detail)}"
+        else:
+            text = "initiator refused: connection to the initiator was lost"
+        self.conn.failOpen(self, text)
+
+    def _timedOut(self) -> None:
+        self.timer = None
+        self.initiatorEnd.abandoned = True
+        self.conn.failOpen(self, "initiator did not answer in time")
+
+    def cancel(self) -> None:
+        """The client connection is going away: drop the initiator side when it answers."""
+        self._stopTimer()
+        self.initiatorEnd.abandoned = True

@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.test_registry -*-
+"""Who holds which virtual ports under which names.
+
+The registry is the only shared state between connections, so it sits
+behind an interface: this in-memory service is the single-node
+implementation, and a distributed one can replace it without touching
+protocol code.  It knows nothing of SSH: a listener is an opaque handle
+whose ``open_circuit`` the connection code supplies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from zope.interface import Attribute, Interface, implementer
+
+from .names import split_index
+
+EPHEMERAL_PORTS = range(49152, 65536)
+
+
+class NotFound(LookupError):
+    """No listener matches; the message names what was missing."""
+
+
+class PortInUse(ValueError):
+    """The same initiator asked twice for one virtual port."""
+
+
+class Listener:
+    """One initiator connection as the registry sees it."""
+
+    def __init__(
+        self,
+        hostname: str,
+        aliases: tuple[str, ...],
+        *,
+        peer: str = "",
+        fingerprint: str = "",
+        opener: Any = None,
+    ) -> None:
+        self.hostname = hostname
+        self.aliases = aliases
+        self.peer = peer
+        self.fingerprint = fingerprint
+        self.opener = opener
+        self.ports: dict[int, str] = {}
+        self.connected_since = time.time()
+        self.order = 0
+
+    @property
+    def connect_name(self) -> str:
+        """The generated alias, which always comes first and always routes."""
+        return self.aliases[0] if self.aliases else self.hostname
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.connect_name} ports={sorted(self.ports)}>"
+
+
+class IRegistry(Interface):
+    """Routes ``name[~index]:port`` to the listener that holds it."""
+
+    observers = Attribute("list of callables (event: str, listener, port: int | None)")
+
+    def add_port(listener: Listener, bind_host: str, port: int) -> int:
+        """Give ``listener`` a virtual port (0 allocates one); return the port."""
+
+    def remove_port(listener: Listener, port: int) -> bool:
+        """Drop one virtual port; False if the listener did not hold it."""
+
+    def remove_listener(listener: Listener) -> None:
+        """Drop every port and name of a listener that left."""
+
+    def resolve(target: str, port: int) -> tuple[Listener, str]:
+        """Return the listener and bind host for ``target:port`` or raise NotFound."""
+
+    def listeners() -> list[Listener]:
+        """Every registered listener, most recent first."""
+
+
+@implementer(IRegistry)
+class InMemoryRegistry(Service):
+    """The embedded registry: plain dictionaries in the server process."""
+
+    name = "registry"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._names: dict[str, list[Listener]] = {}
+        self._active: dict[int, Listener] = {}
+        self._counter = itertools.count(1)
+        self._rng = rng or random.SystemRandom()
+        self.observers: list[Callable[[str, Listener, int | None], None]] = []
+
+    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
+        for observer in list(self.observers):
+            observer(event, listener, port)
+
+    def add_port(self, listener: Listener, bind_host: str, port: int) -> int:
+        if port == 0:
+            free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
+            port = free[0]
+        elif port in listener.ports:
+            raise PortInUse(f"port {port} is already forwarded on this connection")
+        listener.ports[port] = bind_host
+        if len(listener.ports) == 1:
+            listener.order = next(self._counter)
+            self._active[id(listener)] = listener
+            for name in dict.fromkeys(listener.aliases):
+                holders = self._names.setdefault(name, [])
+                holders.insert(0, listener)
+            self._notify("up", listener, None)
+        self._notify("port-added", listener, port)
+        return port
+
+    def remove_port(self, listener: Listener, port: int) -> bool:
+        if listener.ports.pop(port, None) is None:
+            return False
+        self._notify("port-removed", listener, port)
+        if not listener.ports:
+            self._unlink(listener)
+        return True
+
+    def remove_listener(self, listener: Listener) -> None:
+        ports = list(listener.ports)
+        listener.ports.clear()
+        for port in ports:
+            self._notify("port-removed", listener, port)
+        self._unlink(listener)
+
+    def _unlink(self, listener: Listener) -> None:
+        if self._active.pop(id(listener), None) is None:
+            return
+        for name in dict.fromkeys(listener.aliases):
+            holders = self._names.get(name, [])
+            if listener in holders:
+                holders.remove(listener)
+            if not holders:
+                self._names.pop(name, None)
+        self._notify("down", listener, None)
+
+    def resolve(self, target: str, port: int) -> tuple[Listener, str]:
+        name, index = split_index(target.lower())
+        holders = self._names.get(name)
+        if not holders:
+            raise NotFound(f"no such listener: {name}")
+        if index >= len(holders):
+            raise NotFound(f"no such listener: {name}~{index} ({len(holders)} hold {name})")
+        listener = holders[index]
+        bind_host = listener.ports.get(port)
+        if bind_host is None:
+            raise NotFound(f"no such port: {name} has no port {port}")
+        return listener, bind_host
+
+    def listeners(self) -> list[Listener]:
+        return sorted(self._active.values(), key=lambda entry: -entry.order)

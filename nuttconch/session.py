@@ -1,0 +1,226 @@
+# -*- test-case-name: tests.test_e2e -*-
+"""Session channels: the initiator greeting, exec commands, and the admin shell.
+
+Nothing here spawns a process; every command is answered in-process.
+Each session hands Conch a connected protocol before any input can
+arrive, because Conch asserts (and drops the connection) when stdin
+reaches a session that has no protocol yet.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch import recvline
+from twisted.conch.insults import insults
+from twisted.conch.interfaces import ISession
+from twisted.conch.ssh import session as conch_session
+from twisted.internet import protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import commands
+from .names import escape
+
+log = Logger()
+MAX_PENDING_INPUT = 64 * 1024
+MAX_LINE = 1024
+
+
+class SwitchboardSession(conch_session.SSHSession):
+    """A session channel whose early input is bounded."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.client is None:
+            if len(self.buf) + len(data) <= MAX_PENDING_INPUT:
+                self.buf += data
+            return
+        if self.client.transport is not None:
+            self.client.transport.write(data)
+
+    def eofReceived(self) -> None:
+        if self.session is not None:
+            self.session.eofReceived()
+
+
+def _finish(proto: Any, code: int) -> None:
+    """Send exit-status, EOF (once the output is out) and close."""
+    chan = proto.session
+    if chan.localClosed:
+        return
+    chan.conn.sendRequest(chan, b"exit-status", struct.pack(">L", code))
+    if not chan.buf:
+        chan.conn.sendEOF(chan)
+    chan.loseConnection()
+
+
+def _crlf(text: str) -> bytes:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+class _Sink(protocol.Protocol):
+    """Takes and discards input for sessions that read none."""
+
+    def __init__(self, onData: Any = None) -> None:
+        self.onData = onData
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.onData is not None:
+            self.onData(data)
+
+
+@implementer(ISession)
+class SessionHandler:
+    """One session channel's behaviour; adapted from the avatar per channel."""
+
+    def __init__(self, avatar: Any) -> None:
+        self.avatar = avatar
+        self.pty = False
+        self.proto: Any = None
+        self.terminal: Any = None
+        self.greeting = False
+
+    @property
+    def _serverName(self) -> tuple[str, int]:
+        config = self.avatar.config
+        port = config.listen_port
+        if port == 0:
+            port = self.avatar.conn.transport.transport.getHost().port
+        return config.server_fqdn, port
+
+    def getPty(self, term: bytes, windowSize: Any, modes: Any) -> None:
+        if not self.avatar.config.allow_pty:
+            raise PermissionError("pty requests are disabled on this server")
+        self.pty = True
+
+    def windowChanged(self, newWindowSize: Any) -> None:
+        if self.terminal is not None:
+            rows, cols = newWindowSize[0], newWindowSize[1]
+            self.terminal.terminalProtocol.terminalSize(cols or 80, rows or 24)
+
+    def _connect(self, proto: Any, inner: protocol.Protocol) -> None:
+        inner.makeConnection(proto)
+        proto.makeConnection(conch_session.wrapProtocol(inner))
+        self.proto = proto
+
+    def execCommand(self, proto: Any, command: bytes) -> None:
+        self._connect(proto, _Sink())
+        log.info(
+            "conn {conn_id}: {hostname} runs {command}",
+            conn_id=self.avatar.info.conn_id,
+            hostname=self.avatar.identity.hostname,
+            command=escape(command[:80]),
+        )
+        result = commands.run(self.avatar, command)
+        out = _crlf(result.out) if self.pty else result.out.encode("utf-8")
+        err = _crlf(result.err) if self.pty else result.err.encode("utf-8")
+        if out:
+            proto.write(out)
+        if err:
+            proto.session.writeExtended(1, err)
+        _finish(proto, result.code)
+
+    def openShell(self, proto: Any) -> None:
+        identity = self.avatar.identity
+        if self.pty and "admin" in identity.access and self.avatar.config.enable_shell:
+            server, port = self._serverName
+            terminal = insults.ServerProtocol(AdminShell, self.avatar, server, port)
+            self._connect(proto, terminal)
+            self.terminal = terminal
+            return
+        self._connect(proto, _Sink(self._greetingInput))
+        self.greeting = True
+        server, port = self._serverName
+        text = commands.greeting(self.avatar, server, port)
+        if self.pty and "admin" in identity.access:
+            text += "The interactive shell is disabled on this server; exec commands work.\n"
+        proto.write(_crlf(text) if self.pty else text.encode("utf-8"))
+        self.avatar.sessions.append(self)
+
+    def _greetingInput(self, data: bytes) -> None:
+        """With a terminal, Ctrl-C or Ctrl-D leaves; other input is ignored."""
+        if self.pty and (b"\x03" in data or b"\x04" in data):
+            _finish(self.proto, 0)
+
+    def portAdded(self, port: int) -> None:
+        if self.proto is None or self.proto.session.localClosed:
+            return
+        server, listen_port = self._serverName
+        text = commands.port_line(server, listen_port, self.avatar.identity.connect_name, port)
+        self.proto.write(_crlf(text + "\n") if self.pty else (text + "\n").encode("utf-8"))
+
+    def eofReceived(self) -> None:
+        """``ssh -n`` sends EOF at once: the greeting session stays open regardless."""
+        if self.terminal is not None:
+            _finish(self.proto, 0)
+
+    def closed(self) -> None:
+        if self in self.avatar.sessions:
+            self.avatar.sessions.remove(self)
+
+
+class AdminShell(recvline.HistoricRecvLine):
+    """The interactive shell for ``admin`` keys: line editing, history, bounded input."""
+
+    ps = (b"nuttconch> ", b"... ")
+
+    def __init__(self, avatar: Any, server: str, port: int) -> None:
+        self.avatar = avatar
+        self.server = server
+        self.port = port
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.keyHandlers[b"\x03"] = self.handle_INT
+        self.keyHandlers[b"\x04"] = self.handle_EOF
+        self.keyHandlers[b"\x1c"] = self.handle_INT
+
+    def initializeScreen(self) -> None:
+        self.terminal.write(_crlf(commands.greeting(self.avatar, self.server, self.port)))
+        self.terminal.write(b"Type help for commands.\r\n")
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def characterReceived(self, ch: bytes, moreCharactersComing: bool) -> None:
+        if len(self.lineBuffer) >= MAX_LINE:
+            self.terminal.write(b"\x07")
+            return
+        super().characterReceived(ch, moreCharactersComing)
+
+    def keystrokeReceived(self, keyID: Any, modifier: Any) -> None:
+        handler = self.keyHandlers.get(keyID)
+        if handler is not None:
+            handler()
+        elif isinstance(keyID, bytes) and keyID in self._printableChars:
+            self.characterReceived(keyID, False)
+
+    def handle_INT(self) -> None:
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+        self.terminal.write(b"^C")
+        self.terminal.nextLine()
+        self.terminal.write(self.ps[self.pn])
+
+    def handle_EOF(self) -> None:
+        if self.lineBuffer:
+            return
+        self.terminal.nextLine()
+        self._leave()
+
+    def _leave(self) -> None:
+        _finish(self.terminal.transport, 0)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").strip()
+        if text in ("quit", "exit", "logout"):
+            self._leave()
+            return
+        if text == "help":
+            result = commands.help_text(self.avatar, shell=True)
+        else:
+            result = commands.run(self.avatar, text)
+        output = result.out + result.err
+        if output:
+            self.terminal.write(_crlf(output))
+        self.terminal.write(self.ps[self.pn])

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_tap -*-
+"""``twistd nuttconch``: command-line options and service composition, nothing else."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import config as configmod
+from .auth import AuthorizedKeysChecker
+from .authkeys import AuthorizedKeysFile
+from .avatar import SwitchboardRealm
+from .hostkeys import load_host_keys, load_or_create_secret
+from .registry import InMemoryRegistry
+from .server import SwitchboardFactory
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--listen ENDPOINT]"
+    longdesc = (
+        "SSH switchboard: initiators connect with ssh -R and get virtual ports; "
+        "clients reach them with ssh -L, -W, -J or -D. Settings come from nuttssh.ini "
+        "(--config, else $NUTTSSH_CONFIG_FILE, else ./nuttssh.ini)."
+    )
+    optParameters = [
+        ["config", "c", None, "path of nuttssh.ini"],
+        ["listen", "l", None, "Twisted endpoint to listen on, overriding listen_host/port"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = configmod.load(self["config"])
+        except configmod.ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+class SwitchboardService(service.MultiService):
+    """Stops listening, disconnects everyone politely, then lets twistd exit."""
+
+    def __init__(self, factory: SwitchboardFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        listeners = [s for s in self if getattr(s, "name", None) == "ssh"]
+        for s in listeners:
+            yield defer.maybeDeferred(s.stopService)
+        log.info("stopping: disconnecting {n} connections", n=len(self.factory.transports))
+        done = self.factory.disconnectAll()
+        clock = self.factory.clock
+        timeout = clock.callLater(5, done.cancel)
+        try:
+            yield done
+        except defer.CancelledError:
+            pass
+        if timeout.active():
+            timeout.cancel()
+        yield super().stopService()
+
+
+def raise_fd_limit() -> None:
+    """Fleets need many descriptors; lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("raised open-file limit from {soft} to {target}", soft=soft, target=target)
+        except (ValueError, OSError):
+            pass
+
+
+def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory, Any]:
+    """Make the factory and its parts from a validated config (used by tests too)."""
+    host_keys = load_host_keys(
+        {
+            "ecdsa": cfg.host_key_ecdsa,
+            "ed25519": cfg.host_key_ed25519,
+            "rsa": cfg.host_key_rsa,
+        }
+    )
+    secret = load_or_create_secret(cfg.host_key_dir)
+    keys_file = AuthorizedKeysFile(cfg.authorized_keys_file)
+    keys_file.ensure_exists()
+    registry = InMemoryRegistry()
+    checker = AuthorizedKeysChecker(
+        keys_file,
+        secret,
+        enable_auth=cfg.enable_auth,
+        allow_new_clients=cfg.allow_new_clients,
+    )
+    if not cfg.enable_auth:
+        log.warn("enable_auth is off: anyone may connect with every permission")
+    factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
+    factory.portal = Portal(SwitchboardRealm(factory), [checker])
+    factory.keysFile = keys_file
+    factory.checker = checker
+    return factory, registry
+
+
+def makeService(options: Options) -> service.IService:
+    cfg: configmod.Config = options["loaded"]
+    raise_fd_limit()
+    factory, registry = build(cfg)
+    top = SwitchboardService(factory)
+    registry.setServiceParent(top)
+    endpoint = options["listen"] or cfg.listen_endpoint
+    ssh = strports.service(endpoint, factory)
+    ssh.setName("ssh")
+    ssh.setServiceParent(top)
+    log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
+    return top

@@ -1,0 +1,165 @@
+# -*- test-case-name: tests.test_transport -*-
+"""The SSH transport: safe algorithms, a handshake deadline, and no tracebacks.
+
+Stock Conch negotiates zlib before authentication (a memory bomb), offers
+CBC, SHA-1 and group exchange, advertises ``server-sig-algs`` from the host
+keys only (so OpenSSH will not offer RSA user keys to an Ed25519 host),
+holds a silent connection forever, and lets a malformed packet escape as
+an unhandled exception.  This subclass fixes each of those in one place.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh import transport as conch_transport
+from twisted.internet import reactor as default_reactor
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .names import escape
+
+# User key signature algorithms we verify; ssh-rsa (SHA-1) is deliberately absent.
+USER_SIG_ALGS = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"sk-ssh-ed25519@openssh.com",
+    b"sk-ecdsa-sha2-nistp256@openssh.com",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
+
+DEFAULT_KEX = (
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+)
+DEFAULT_CIPHERS = (b"aes128-ctr", b"aes192-ctr", b"aes256-ctr")
+DEFAULT_MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
+
+_MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
+
+
+def _available_kex() -> list[bytes]:
+    from twisted.conch.ssh import _kex
+
+    supported = set(_kex.getSupportedKeyExchanges())
+    return [k for k in DEFAULT_KEX if k in supported]
+
+
+class SwitchboardTransport(conch_transport.SSHServerTransport):
+    """Server transport with nuttconch's algorithm policy and deadlines."""
+
+    log = Logger()
+    supportedCiphers = list(DEFAULT_CIPHERS)
+    supportedMACs = list(DEFAULT_MACS)
+    supportedKeyExchanges = _available_kex()
+    supportedCompressions = [b"none"]
+    ourVersionString = b"SSH-2.0-nuttconch_0.1"
+
+    clock: IReactorTime = default_reactor  # type: ignore[assignment]
+    loginGraceTime: float = 30.0
+    _deadline: Any = None
+    _peerHost: str = "?"
+    connId: int = 0
+
+    def connectionMade(self) -> None:
+        """Enable TCP_NODELAY and start the handshake deadline before anything is read."""
+        tcp = self.transport
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(tcp, option, None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except OSError:
+                    pass
+        peer = tcp.getPeer()
+        self._peerHost = getattr(peer, "host", "?")
+        self.factory.transportStarted(self)
+        if self.loginGraceTime > 0:
+            self._deadline = self.clock.callLater(self.loginGraceTime, self._handshakeTimedOut)
+        super().connectionMade()
+
+    def _handshakeTimedOut(self) -> None:
+        self._deadline = None
+        self.log.info(
+            "conn {conn_id} from {peer}: handshake not finished within {grace}s, closing",
+            conn_id=self.connId,
+            peer=self._peerHost,
+            grace=self.loginGraceTime,
+        )
+        self.sendDisconnect(
+            conch_transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+            b"login grace time exceeded",
+        )
+
+    def authenticated(self) -> None:
+        """Called once the connection service starts: the handshake is over."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def setService(self, service: Any) -> None:
+        super().setService(service)
+        if service.name == b"ssh-connection":
+            self.authenticated()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.transportLost(self)
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        """Advertise the user-key algorithms we verify, not our host key types."""
+        fixed = [
+            (name, b",".join(USER_SIG_ALGS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ]
+        super().sendExtInfo(fixed)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Turn a malformed message into one log line and a protocol-error disconnect."""
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        try:
+            super().dataReceived(data)
+        except _MALFORMED as exc:
+            self.protocolError(f"malformed message ({type(exc).__name__})")
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if getattr(self.transport, "disconnecting", False):
+            return
+        super().dispatchMessage(messageNum, payload)
+
+    def protocolError(self, what: str) -> None:
+        """Disconnect a peer that broke the protocol, logging it once."""
+        if getattr(self.transport, "disconnecting", False):
+            return
+        self.log.info(
+            "conn {conn_id} from {peer}: {what}, disconnecting",
+            conn_id=self.connId,
+            peer=self._peerHost,
+            what=escape(what),
+        )
+        self.sendDisconnect(conch_transport.DISCONNECT_PROTOCOL_ERROR, what.encode("ascii"))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        """Send DISCONNECT once, without Conch's multi-line log entry."""
+        if getattr(self.transport, "disconnecting", False):
+            return
+        self.sendPacket(
+            conch_transport.MSG_DISCONNECT,
+            struct.pack(">L", reason) + conch_transport.NS(desc) + conch_transport.NS(b""),
+        )
+        self.transport.loseConnection()
