@@ -202,7 +202,9 @@ class AuthorizedKeysChecker:
                     hostname = normalise(entry.hostname, "hostname option")
                 extra = [normalise(a, "alias option") for a in entry.aliases]
             except InvalidName as exc:
-                raise Refused(f"authorized_keys line {entry.lineno}: {exc}", reason="bad option")
+                raise Refused(
+                    f"authorized_keys line {entry.lineno}: {exc}", reason="bad option"
+                ) from None
         blob = key.blob()
         aliases = (generated_alias(self.secret, blob, hostname), *extra)
         return Identity(

@@ -78,6 +78,16 @@ def _startups(text: str) -> tuple[int, int, int]:
     raise ValueError("expected start:rate:full (for example 10:30:100) or one number")
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
 def _algorithms(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -158,6 +168,8 @@ SCHEMA: tuple[Setting, ...] = (
         "2097152",
         "receive window per circuit end, bytes",
     ),
+    Setting("log", "level", _choice("debug", "info", "warn", "error"), "info", "log level"),
+    Setting("log", "format", _choice("text", "json"), "text", "text, or JSON lines"),
 )
 
 
@@ -215,7 +227,7 @@ def load(path: str | None = None, *, required: bool = False) -> Config:
     known = {(s.section, s.key) for s in SCHEMA}
     for section in parser.sections():
         for key in parser[section]:
-            if (section, key) not in known and section in {"server", "keys"}:
+            if (section, key) not in known and section in {s.section for s in SCHEMA}:
                 raise ConfigError(f"{resolved}: [{section}] {key}: unknown key")
     values: dict[str, Any] = {}
     for s in SCHEMA:

@@ -23,6 +23,8 @@ from .circuit import Circuit, ClientEnd, InitiatorEnd
 from .names import escape
 from .registry import NotFound
 
+log = Logger()
+
 if TYPE_CHECKING:
     from .avatar import SwitchboardAvatar
 
@@ -59,8 +61,6 @@ class OpenRefused(Exception):
 
 class SwitchboardConnection(connection.SSHConnection):
     """One authenticated SSH connection, as client, initiator, or both."""
-
-    log = Logger()
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def _sendKeepalive(self) -> None:
         if self._unanswered >= self.config.client_alive_count_max:
-            self.log.info(
+            log.info(
                 "conn {conn_id}: no answer to {count} keepalives, disconnecting",
                 conn_id=self.transport.connId,
                 count=self._unanswered,
@@ -134,7 +134,7 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def _idleTimeout(self) -> None:
         self._idleCall = None
-        self.log.info(
+        log.info(
             "conn {conn_id}: unused for {timeout}s, disconnecting",
             conn_id=self.transport.connId,
             timeout=self.config.unused_connection_timeout,
@@ -253,7 +253,7 @@ class SwitchboardConnection(connection.SSHConnection):
         avatar = self.avatar
         peer = self.transport._peerHost
         if "listen" not in avatar.identity.access:
-            self.log.info(
+            log.info(
                 "conn {conn_id}: circuit refused, key {fingerprint} lacks access=listen",
                 conn_id=self.transport.connId,
                 fingerprint=avatar.identity.fingerprint,
@@ -269,7 +269,7 @@ class SwitchboardConnection(connection.SSHConnection):
         try:
             listener, bindHost = registry.resolve(host, port)
         except NotFound as exc:
-            self.log.info(
+            log.info(
                 "conn {conn_id}: circuit to {target}:{port} refused: {reason}",
                 conn_id=self.transport.connId,
                 target=escape(host),
@@ -337,7 +337,7 @@ class SwitchboardConnection(connection.SSHConnection):
         circuit.onClose.append(self.circuits.discard)
         factory = self.transport.factory
         factory.circuitOpened(circuit)
-        self.log.info(
+        log.info(
             "circuit {circuit_id} to {target} from {client} opened",
             circuit_id=circuit.id,
             target=circuit.target,
@@ -348,7 +348,7 @@ class SwitchboardConnection(connection.SSHConnection):
         self.pendingOpens.pop(pending.senderChannel, None)
         if not self.stopped:
             self.refuseOpen(pending.senderChannel, OPEN_CONNECT_FAILED, message)
-            self.log.info(
+            log.info(
                 "circuit to {target} from {client} failed: {reason}",
                 target=pending.circuit.target,
                 client=pending.circuit.client_peer,

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as configmod
@@ -17,6 +17,7 @@ from .auth import AuthorizedKeysChecker
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import load_host_keys, load_or_create_secret
+from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
 
@@ -48,6 +49,14 @@ class SwitchboardService(service.MultiService):
     def __init__(self, factory: SwitchboardFactory) -> None:
         super().__init__()
         self.factory = factory
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """Under twistd, log as the config says unless ``--logger`` chose otherwise."""
+        setComponent = getattr(parent, "setComponent", None)
+        if setComponent is not None:
+            cfg = self.factory.config
+            setComponent(ILogObserver, make_observer(cfg.level, cfg.format))
+        return super().setServiceParent(parent)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -21,6 +21,8 @@ from twisted.python.failure import Failure
 
 from .names import escape
 
+log = Logger()
+
 # User key signature algorithms we verify; ssh-rsa (SHA-1) is deliberately absent.
 USER_SIG_ALGS = (
     b"ssh-ed25519",
@@ -57,7 +59,6 @@ def _available_kex() -> list[bytes]:
 class SwitchboardTransport(conch_transport.SSHServerTransport):
     """Server transport with nuttconch's algorithm policy and deadlines."""
 
-    log = Logger()
     supportedCiphers = list(DEFAULT_CIPHERS)
     supportedMACs = list(DEFAULT_MACS)
     supportedKeyExchanges = _available_kex()
@@ -69,6 +70,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     _deadline: Any = None
     _peerHost: str = "?"
     connId: int = 0
+    _closeReason = "connection lost"
 
     def connectionMade(self) -> None:
         """Enable TCP_NODELAY and start the handshake deadline before anything is read."""
@@ -89,7 +91,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
 
     def _handshakeTimedOut(self) -> None:
         self._deadline = None
-        self.log.info(
+        log.info(
             "conn {conn_id} from {peer}: handshake not finished within {grace}s, closing",
             conn_id=self.connId,
             peer=self._peerHost,
@@ -115,10 +117,21 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        log.info(
+            "conn {conn_id} from {peer}: closed: {why}",
+            conn_id=self.connId,
+            peer=self._peerHost,
+            why=self._closeReason,
+        )
         try:
             super().connectionLost(reason)
         finally:
             self.factory.transportLost(self)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        """The peer sent DISCONNECT: an ordinary end of a connection, not an error."""
+        self._closeReason = f"peer disconnected ({escape(description[:200])})"
+        self.transport.loseConnection()
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         """Advertise the user-key algorithms we verify, not our host key types."""
@@ -146,7 +159,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         """Disconnect a peer that broke the protocol, logging it once."""
         if getattr(self.transport, "disconnecting", False):
             return
-        self.log.info(
+        log.info(
             "conn {conn_id} from {peer}: {what}, disconnecting",
             conn_id=self.connId,
             peer=self._peerHost,
@@ -158,6 +171,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         """Send DISCONNECT once, without Conch's multi-line log entry."""
         if getattr(self.transport, "disconnecting", False):
             return
+        self._closeReason = f"disconnected by server ({escape(desc)})"
         self.sendPacket(
             conch_transport.MSG_DISCONNECT,
             struct.pack(">L", reason) + conch_transport.NS(desc) + conch_transport.NS(b""),

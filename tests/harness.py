@@ -29,7 +29,9 @@ def require_ssh() -> str:
     """The OpenSSH client; in CI its absence is a failure, never a silent skip."""
     if SSH is None:
         if os.environ.get("CI"):
-            raise RuntimeError("OpenSSH client 'ssh' is not installed (apt-get install openssh-client)")
+            raise RuntimeError(
+                "OpenSSH client 'ssh' is not installed (apt-get install openssh-client)"
+            )
         from twisted.trial.unittest import SkipTest
 
         raise SkipTest("OpenSSH client not installed")
@@ -105,7 +107,9 @@ class SSHProcess(protocol.ProcessProtocol):
         d: defer.Deferred[None] = defer.Deferred()
         self.watchers.append((needle, d))
         self._check()
-        return _timeout(d, timeout, f"output {needle!r}; got {bytes(self.out)!r} {bytes(self.err)!r}")
+        return _timeout(
+            d, timeout, f"output {needle!r}; got {bytes(self.out)!r} {bytes(self.err)!r}"
+        )
 
     def processEnded(self, reason: Any) -> None:
         self.code = reason.value.exitCode
@@ -199,7 +203,9 @@ class SwitchboardTestMixin:
         with open(self.akfile, "a") as handle:
             handle.write(line + "\n")
 
-    def sshArgs(self, key: str | None, user: str, *extra: str, command: tuple[str, ...] = ()) -> list[str]:
+    def sshArgs(
+        self, key: str | None, user: str, *extra: str, command: tuple[str, ...] = ()
+    ) -> list[str]:
         args = [
             SSH or "ssh",
             "-F", "/dev/null",
@@ -218,19 +224,37 @@ class SwitchboardTestMixin:
             args += ["-i", key]
         return args + [*extra, "-l", user, "127.0.0.1", *command]
 
-    def spawn(self, key: str | None, user: str, *extra: str, stdin: bytes | None = b"", argv: list[str] | None = None, command: tuple[str, ...] = ()) -> SSHProcess:
+    def spawn(
+        self,
+        key: str | None,
+        user: str,
+        *extra: str,
+        stdin: bytes | None = b"",
+        argv: list[str] | None = None,
+        command: tuple[str, ...] = (),
+    ) -> SSHProcess:
         proc = SSHProcess(stdin)
         args = argv or self.sshArgs(key, user, *extra, command=command)
         reactor.spawnProcess(proc, args[0], args, env={"PATH": os.environ.get("PATH", "")})
         self.processes.append(proc)
         return proc
 
-    def ssh(self, key: str | None, user: str, *extra: str, stdin: bytes = b"", timeout: float = 20, command: tuple[str, ...] = ()) -> defer.Deferred[tuple[bytes, bytes, int]]:
+    def ssh(
+        self,
+        key: str | None,
+        user: str,
+        *extra: str,
+        stdin: bytes = b"",
+        timeout: float = 20,
+        command: tuple[str, ...] = (),
+    ) -> defer.Deferred[tuple[bytes, bytes, int]]:
         """Run ssh to completion; fires (stdout, stderr, exit code)."""
         proc = self.spawn(key, user, *extra, stdin=stdin, command=command)
         return _timeout(proc.ended, timeout, "ssh to exit")
 
-    def waitPort(self, port: int, name: str | None = None, timeout: float = 10) -> defer.Deferred[Any]:
+    def waitPort(
+        self, port: int, name: str | None = None, timeout: float = 10
+    ) -> defer.Deferred[Any]:
         """Fires with the listener once some initiator (or ``name``) holds ``port``."""
 
         def find() -> Any:
@@ -241,7 +265,9 @@ class SwitchboardTestMixin:
 
         return self.waitFor(find, timeout, f"port {port} to be registered")
 
-    def waitFor(self, predicate: Any, timeout: float = 10, what: str = "condition") -> defer.Deferred[Any]:
+    def waitFor(
+        self, predicate: Any, timeout: float = 10, what: str = "condition"
+    ) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         deadline = reactor.seconds() + timeout
 

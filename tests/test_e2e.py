@@ -35,7 +35,9 @@ class InitiatorAndClientTests(SwitchboardTestMixin, unittest.TestCase):
         yield self.initiator(self.key("k1"), "user1", f"6379:localhost:{target}")
         name = self.registry.listeners()[0].connect_name
         payload = os.urandom(1024 * 1024)
-        out, err, code = yield self.ssh(self.key("k2"), "user2", "-W", f"{name}:6379", stdin=payload)
+        out, err, code = yield self.ssh(
+            self.key("k2"), "user2", "-W", f"{name}:6379", stdin=payload
+        )
         self.assertEqual(code, 0, err)
         self.assertEqual(len(out), len(payload))
         self.assertEqual(hashlib.sha256(out).hexdigest(), hashlib.sha256(payload).hexdigest())
