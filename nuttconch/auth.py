@@ -173,7 +173,7 @@ class AuthorizedKeysChecker:
             return Identity(**{**identity.__dict__, "new_key": True})
 
         def failed(reason: Failure) -> Identity:
-            reason.trap(OSError)
+            reason.trap(OSError, authkeys.AuthorizedKeyError)
             log.error(
                 "conn {conn_id}: cannot persist new key {fingerprint}: {error}",
                 conn_id=info.conn_id,
