@@ -169,6 +169,10 @@ class Circuit:
     def bytes_down(self) -> int:
         return self.initiator.bytesIn if self.initiator else 0
 
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self.started
+
     def endClosed(self, end: CircuitEnd) -> None:
         if self._done:
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import common, connection, forwarding
@@ -258,6 +259,7 @@ class SwitchboardConnection(connection.SSHConnection):
                 conn_id=self.transport.connId,
                 fingerprint=avatar.identity.fingerprint,
             )
+            self.transport.factory.circuitFailed("", "refused", "lacks access=listen")
             raise OpenRefused(OPEN_PROHIBITED, "permission denied: this key may not open circuits")
         try:
             (host, port), (origHost, origPort) = forwarding.unpackOpen_direct_tcpip(extra)
@@ -276,6 +278,7 @@ class SwitchboardConnection(connection.SSHConnection):
                 port=port,
                 reason=str(exc),
             )
+            self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
         target = f"{listener.connect_name}:{port}"
         circuit = Circuit(next(_circuit_ids), target, peer)
@@ -335,8 +338,8 @@ class SwitchboardConnection(connection.SSHConnection):
         circuit.link(client, initiatorEnd)
         self.circuits.add(circuit)
         circuit.onClose.append(self.circuits.discard)
-        factory = self.transport.factory
-        factory.circuitOpened(circuit)
+        circuit.started = time.monotonic()
+        self.transport.factory.circuitOpened(circuit, circuit.started - pending.started)
         log.info(
             "circuit {circuit_id} to {target} from {client} opened",
             circuit_id=circuit.id,
@@ -344,8 +347,9 @@ class SwitchboardConnection(connection.SSHConnection):
             client=circuit.client_peer,
         )
 
-    def failOpen(self, pending: PendingOpen, message: str) -> None:
+    def failOpen(self, pending: PendingOpen, message: str, outcome: str) -> None:
         self.pendingOpens.pop(pending.senderChannel, None)
+        self.transport.factory.circuitFailed(pending.circuit.target, outcome, message)
         if not self.stopped:
             self.refuseOpen(pending.senderChannel, OPEN_CONNECT_FAILED, message)
             log.info(
@@ -376,6 +380,7 @@ class PendingOpen:
         self.circuit = circuit
         self.initiatorEnd = initiatorEnd
         self.timer: Any = None
+        self.started = time.monotonic()
 
     def start(self, timeout: float, clock: Any) -> None:
         if timeout > 0:
@@ -401,12 +406,12 @@ class PendingOpen:
             text = f"initiator refused: {escape(detail)}"
         else:
             text = "initiator refused: connection to the initiator was lost"
-        self.conn.failOpen(self, text)
+        self.conn.failOpen(self, text, "initiator_refused")
 
     def _timedOut(self) -> None:
         self.timer = None
         self.initiatorEnd.abandoned = True
-        self.conn.failOpen(self, "initiator did not answer in time")
+        self.conn.failOpen(self, "initiator did not answer in time", "timeout")
 
     def cancel(self) -> None:
         """The client connection is going away: drop the initiator side when it answers."""

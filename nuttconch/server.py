@@ -53,6 +53,30 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         self.circuitsOpened = 0
         self.stopping = False
         self._lost: dict[SwitchboardTransport, defer.Deferred[None]] = {}
+        # Observers of server events (metrics, webhooks, tests): f(event, fields).
+        self.observers: list[Any] = []
+        registry.observers.append(self._registryEvent)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Tell observers what happened; an observer's failure never reaches the protocol."""
+        for observer in list(self.observers):
+            try:
+                observer(event, fields)
+            except Exception:
+                log.failure("event observer failed on {event}", event=event)
+
+    def _registryEvent(self, event: str, listener: Any, port: int | None) -> None:
+        if event in ("up", "down"):
+            self.emit(
+                f"initiator.{event}",
+                name=listener.connect_name,
+                aliases=list(listener.aliases),
+                peer=listener.peer,
+                fingerprint=listener.fingerprint,
+            )
+        elif port is not None:
+            kind = "add" if event == "port-added" else "remove"
+            self.emit(f"forward.{kind}", name=listener.connect_name, port=port)
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.stopping:
@@ -71,27 +95,69 @@ class SwitchboardFactory(conch_factory.SSHFactory):
 
     def transportStarted(self, transport: SwitchboardTransport) -> None:
         self.transports.add(transport)
+        self.emit("connection.open", conn_id=transport.connId, peer=transport._peerHost)
 
     def transportLost(self, transport: SwitchboardTransport) -> None:
         self.transports.discard(transport)
+        self.emit(
+            "connection.close",
+            conn_id=transport.connId,
+            peer=transport._peerHost,
+            reason=transport._closeReason,
+            authenticated=hasattr(transport, "avatar"),
+        )
         waiter = self._lost.pop(transport, None)
         if waiter is not None:
             waiter.callback(None)
 
     def authFailed(self, peer: str, reason: str) -> None:
-        pass
+        self.emit("auth.fail", peer=peer, reason=reason)
 
     def authSucceeded(self, peer: str) -> None:
         pass
 
     def loggedIn(self, avatar: Any) -> None:
         self.avatars.add(avatar)
+        identity = avatar.identity
+        self.emit(
+            "auth.ok",
+            conn_id=avatar.info.conn_id,
+            peer=avatar.info.peer,
+            fingerprint=identity.fingerprint,
+            hostname=identity.hostname,
+            new_key=identity.new_key,
+        )
+        if identity.new_key:
+            self.emit("key.added", fingerprint=identity.fingerprint, hostname=identity.hostname)
 
     def loggedOut(self, avatar: Any) -> None:
         self.avatars.discard(avatar)
 
-    def circuitOpened(self, circuit: Any) -> None:
+    def circuitOpened(self, circuit: Any, latency: float) -> None:
         self.circuitsOpened += 1
+        self.emit(
+            "circuit.open",
+            circuit_id=circuit.id,
+            target=circuit.target,
+            client=circuit.client_peer,
+            latency=latency,
+        )
+        circuit.onClose.append(self._circuitClosed)
+
+    def _circuitClosed(self, circuit: Any) -> None:
+        self.emit(
+            "circuit.close",
+            circuit_id=circuit.id,
+            target=circuit.target,
+            client=circuit.client_peer,
+            bytes_up=circuit.bytes_up,
+            bytes_down=circuit.bytes_down,
+            duration=circuit.duration,
+        )
+
+    def circuitFailed(self, target: str, outcome: str, reason: str) -> None:
+        """outcome: no_such_name, refused, initiator_refused, timeout."""
+        self.emit("circuit.fail", target=target, outcome=outcome, reason=reason)
 
     def disconnectAll(self, reason: bytes = b"server is shutting down") -> defer.Deferred[Any]:
         """Send DISCONNECT to every connection and wait until they are gone."""

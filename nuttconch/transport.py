@@ -46,6 +46,10 @@ DEFAULT_KEX = (
 DEFAULT_CIPHERS = (b"aes128-ctr", b"aes192-ctr", b"aes256-ctr")
 DEFAULT_MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
 
+# DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG: allowed (boundedly) before the first NEWKEYS.
+PREKEX_GENERIC = frozenset({1, 2, 3, 4})
+MAX_PREKEX_MESSAGES = 100
+
 _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
 
 
@@ -71,6 +75,8 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     _peerHost: str = "?"
     connId: int = 0
     _closeReason = "connection lost"
+    firstKexDone = False
+    preKexMessages = 0
 
     def connectionMade(self) -> None:
         """Enable TCP_NODELAY and start the handshake deadline before anything is read."""
@@ -153,7 +159,21 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if getattr(self.transport, "disconnecting", False):
             return
+        if not self.firstKexDone and not 20 <= messageNum < 50:
+            # Before the first key exchange completes only KEX messages make sense; a few
+            # IGNORE/DEBUG are tolerated, anything else (or a flood) ends the connection.
+            self.preKexMessages += 1
+            if messageNum not in PREKEX_GENERIC:
+                self.protocolError(f"message {messageNum} before key exchange")
+                return
+            if self.preKexMessages > MAX_PREKEX_MESSAGES:
+                self.protocolError("too many messages before key exchange")
+                return
         super().dispatchMessage(messageNum, payload)
+
+    def ssh_NEWKEYS(self, packet: bytes) -> None:
+        super().ssh_NEWKEYS(packet)
+        self.firstKexDone = True
 
     def protocolError(self, what: str) -> None:
         """Disconnect a peer that broke the protocol, logging it once."""
