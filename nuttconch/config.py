@@ -225,9 +225,14 @@ def load(path: str | None = None, *, required: bool = False) -> Config:
     except configparser.Error as exc:
         raise ConfigError(f"{resolved}: {' '.join(str(exc).split())}") from None
     known = {(s.section, s.key) for s in SCHEMA}
+    sections = {s.section for s in SCHEMA}
     for section in parser.sections():
+        if section not in sections:
+            raise ConfigError(
+                f"{resolved}: [{section}]: unknown section (known: {', '.join(sorted(sections))})"
+            )
         for key in parser[section]:
-            if (section, key) not in known and section in {s.section for s in SCHEMA}:
+            if (section, key) not in known:
                 raise ConfigError(f"{resolved}: [{section}] {key}: unknown key")
     values: dict[str, Any] = {}
     for s in SCHEMA:

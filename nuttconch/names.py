@@ -31,7 +31,7 @@ class InvalidName(ValueError):
 def escape(value: str | bytes) -> str:
     """Render untrusted text printable in one line, for logs and listings.
 
-    Control characters, quotes and non-ASCII are shown as escapes so that a
+    Control characters, backslashes and non-ASCII are shown as escapes so that a
     hostile name can neither forge a log line nor drive an admin's terminal.
     """
     if isinstance(value, bytes):

@@ -103,6 +103,10 @@ class InMemoryRegistry(Service):
     def add_port(self, listener: Listener, bind_host: str, port: int) -> int:
         if port == 0:
             free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
+            if not free:
+                free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
+                if not free:
+                    raise PortInUse("no free virtual port is left on this connection")
             port = free[0]
         elif port in listener.ports:
             raise PortInUse(f"port {port} is already forwarded on this connection")

@@ -40,7 +40,8 @@ class Options(usage.Options):
         try:
             self["loaded"] = configmod.load(self["config"])
         except configmod.ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
+            # Not UsageError: twistd would print the whole usage text around the one line.
+            raise SystemExit(f"nuttconch: {exc}") from None
 
 
 class SwitchboardService(service.MultiService):
