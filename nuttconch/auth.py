@@ -310,8 +310,10 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 message=refusal.message,
             )
             self.transport.factory.authFailed(self.info.peer, refusal.reason)
+            self.transport.penaltyKind = "authfail"
         elif not reason.check(conch_error.IgnoreAuthentication) and self.method != b"none":
             self.transport.factory.authFailed(self.info.peer, "failed")
+            self.transport.penaltyKind = "authfail"
         if not reason.check(
             conch_error.IgnoreAuthentication, UnauthorizedLogin, conch_error.ConchError
         ):

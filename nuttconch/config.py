@@ -168,6 +168,20 @@ SCHEMA: tuple[Setting, ...] = (
         "2097152",
         "receive window per circuit end, bytes",
     ),
+    Setting(
+        "server",
+        "per_source_penalties",
+        _bool,
+        "true",
+        "refuse sources that fail auth, send garbage or stall, for a growing time",
+    ),
+    Setting(
+        "server",
+        "per_source_penalty_exempt_list",
+        _text,
+        "",
+        "addresses never penalised (from= patterns, comma separated)",
+    ),
     Setting("log", "level", _choice("debug", "info", "warn", "error"), "info", "log level"),
     Setting("log", "format", _choice("text", "json"), "text", "text, or JSON lines"),
 )

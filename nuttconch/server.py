@@ -16,7 +16,9 @@ from twisted.internet import defer, protocol
 from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 
+from . import authkeys
 from .auth import SwitchboardUserAuth
+from .limits import Penalties, Startups
 from .connection import SwitchboardConnection
 from .transport import SwitchboardTransport
 
@@ -52,6 +54,18 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         self.avatars: set[Any] = set()
         self.circuitsOpened = 0
         self.stopping = False
+        start, rate, full = config.max_startups
+        self.startups = Startups(start, rate, full, config.per_source_max_startups)
+        exempt = config.per_source_penalty_exempt_list
+        self.penalties = Penalties(
+            clock=self.clock.seconds,
+            exempt=(lambda host: authkeys.match_from(exempt, host))
+            if exempt
+            else (lambda h: False),
+            enabled=config.per_source_penalties,
+        )
+        self.dropped = 0
+        self._dropLogged: dict[str, float] = {}
         self._lost: dict[SwitchboardTransport, defer.Deferred[None]] = {}
         # Observers of server events (metrics, webhooks, tests): f(event, fields).
         self.observers: list[Any] = []
@@ -79,7 +93,16 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             self.emit(f"forward.{kind}", name=listener.connect_name, port=port)
 
     def buildProtocol(self, addr: Any) -> Any:
+        """Refuse penalised sources and excess unauthenticated connections before any work."""
         if self.stopping:
+            return None
+        host = getattr(addr, "host", "?")
+        if self.penalties.refused(host):
+            self._drop(host, "source is penalised")
+            return None
+        reason = self.startups.admit(host)
+        if reason is not None:
+            self._drop(host, reason)
             return None
         t = protocol.Factory.buildProtocol(self, addr)
         assert isinstance(t, SwitchboardTransport)
@@ -89,7 +112,37 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         t.clock = self.clock
         t.loginGraceTime = self.config.login_grace_time
         t.connId = next(self._ids)
+        t.preauthCounted = True
         return t
+
+    def _drop(self, host: str, reason: str) -> None:
+        """Count every drop; log at most one line per source and reason a minute."""
+        self.dropped += 1
+        now = self.clock.seconds()
+        key = f"{host} {reason}"
+        if now - self._dropLogged.get(key, -1e9) >= 60:
+            if len(self._dropLogged) > 4096:
+                self._dropLogged.clear()
+            self._dropLogged[key] = now
+            log.info("refused connection from {peer}: {reason}", peer=host, reason=reason)
+        self.emit("connection.refused", peer=host, reason=reason)
+
+    def preauthDone(self, transport: SwitchboardTransport) -> None:
+        """The connection authenticated or closed: it leaves the MaxStartups count."""
+        if transport.preauthCounted:
+            transport.preauthCounted = False
+            self.startups.done(transport._peerHost)
+
+    def penalise(self, host: str, kind: str) -> None:
+        seconds = self.penalties.add(host, kind)
+        if seconds is not None:
+            log.info(
+                "penalising {peer} for {seconds:.0f}s ({kind})",
+                peer=host,
+                seconds=seconds,
+                kind=kind,
+            )
+            self.emit("penalty", peer=host, seconds=seconds, kind=kind)
 
     # accounting hooks called by transports, userauth, avatars and connections
 
@@ -99,6 +152,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
 
     def transportLost(self, transport: SwitchboardTransport) -> None:
         self.transports.discard(transport)
+        self.preauthDone(transport)
+        if not hasattr(transport, "avatar") and not self.stopping:
+            self.penalise(transport._peerHost, transport.penaltyKind)
         self.emit(
             "connection.close",
             conn_id=transport.connId,

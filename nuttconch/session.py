@@ -31,6 +31,13 @@ MAX_LINE = 1024
 class SwitchboardSession(conch_session.SSHSession):
     """A session channel whose early input is bounded."""
 
+    def request_pty_req(self, data: bytes) -> int:
+        """Refuse ptys quietly when allow_pty is off (Conch would log a traceback)."""
+        if not self.avatar.config.allow_pty:
+            log.info("pty request refused: allow_pty is off")
+            return 0
+        return int(super().request_pty_req(data))
+
     def dataReceived(self, data: bytes) -> None:
         if self.client is None:
             if len(self.buf) + len(data) <= MAX_PENDING_INPUT:
@@ -177,8 +184,9 @@ class AdminShell(recvline.HistoricRecvLine):
         self.keyHandlers[b"\x1c"] = self.handle_INT
 
     def initializeScreen(self) -> None:
-        self.terminal.write(_crlf(commands.greeting(self.avatar, self.server, self.port)))
-        self.terminal.write(b"Type help for commands.\r\n")
+        # insults.ServerProtocol.write already turns "\n" into "\r\n".
+        self.terminal.write(commands.greeting(self.avatar, self.server, self.port).encode("utf-8"))
+        self.terminal.write(b"Type help for commands.\n")
         self.terminal.write(self.ps[self.pn])
         self.setInsertMode()
 
@@ -222,5 +230,5 @@ class AdminShell(recvline.HistoricRecvLine):
             result = commands.run(self.avatar, text)
         output = result.out + result.err
         if output:
-            self.terminal.write(_crlf(output))
+            self.terminal.write(output.encode("utf-8"))
         self.terminal.write(self.ps[self.pn])

@@ -76,6 +76,9 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     connId: int = 0
     _closeReason = "connection lost"
     firstKexDone = False
+    preauthCounted = False
+    # What an unauthenticated close is penalised as (PerSourcePenalties kinds).
+    penaltyKind = "noauth"
     preKexMessages = 0
 
     def connectionMade(self) -> None:
@@ -97,6 +100,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
 
     def _handshakeTimedOut(self) -> None:
         self._deadline = None
+        self.penaltyKind = "grace-exceeded"
         log.info(
             "conn {conn_id} from {peer}: handshake not finished within {grace}s, closing",
             conn_id=self.connId,
@@ -113,6 +117,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self.factory.preauthDone(self)
 
     def setService(self, service: Any) -> None:
         super().setService(service)
@@ -179,6 +184,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         """Disconnect a peer that broke the protocol, logging it once."""
         if getattr(self.transport, "disconnecting", False):
             return
+        self.penaltyKind = "garbage"
         log.info(
             "conn {conn_id} from {peer}: {what}, disconnecting",
             conn_id=self.connId,

@@ -162,7 +162,13 @@ class SwitchboardTestMixin:
         return self.startServer()
 
     def writeConfig(self, **overrides: str) -> str:
-        values = {"listen_host": "127.0.0.1", "listen_port": "0", "server_fqdn": "switchboard"}
+        values = {
+            "listen_host": "127.0.0.1",
+            "listen_port": "0",
+            "server_fqdn": "switchboard",
+            # Tests refuse logins on purpose from 127.0.0.1; penalty tests use 127.0.0.2+.
+            "per_source_penalty_exempt_list": "127.0.0.1",
+        }
         values.update(self.settings)
         values.update(overrides)
         server = "\n".join(f"{k} = {v}" for k, v in values.items())

@@ -56,6 +56,8 @@ DEFAULT_VALUES = {
     "max_forwards": 64,
     "max_channels": 1024,
     "channel_window": 2097152,
+    "per_source_penalties": True,
+    "per_source_penalty_exempt_list": "",
     "level": "info",
     "format": "text",
 }

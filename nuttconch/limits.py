@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_limits -*-
+"""Pre-authentication limits and per-source penalties, as OpenSSH's sshd has them.
+
+A switchboard on the open internet is flooded and probed constantly; what
+keeps it serving its own users is refusing strangers cheaply, before any
+key exchange is spent on them: a cap on unauthenticated connections
+(MaxStartups, with random early drop), a cap per source address
+(PerSourceMaxStartups), and a growing refusal time for sources that fail
+authentication, send garbage or stall (PerSourcePenalties).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Penalty seconds per kind of misbehaviour, and the bounds OpenSSH uses.
+PENALTIES = {"authfail": 5.0, "noauth": 1.0, "grace-exceeded": 10.0, "garbage": 10.0}
+PENALTY_MIN = 15.0
+PENALTY_MAX = 600.0
+MAX_SOURCES = 65536
+
+
+def source_of(host: str) -> str:
+    """The unit a penalty applies to: the IPv4 address, or the IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+@dataclass
+class Penalties:
+    """Accumulated penalty per source; a source is refused once it passes ``minimum``."""
+
+    clock: Callable[[], float]
+    exempt: Callable[[str], bool] = lambda host: False
+    enabled: bool = True
+    minimum: float = PENALTY_MIN
+    maximum: float = PENALTY_MAX
+    until: dict[str, float] = field(default_factory=dict)
+    announced: set[str] = field(default_factory=set)
+
+    def add(self, host: str, kind: str) -> float | None:
+        """Record misbehaviour; returns the refusal time when it newly starts to apply."""
+        if not self.enabled or self.exempt(host):
+            return None
+        now = self.clock()
+        source = source_of(host)
+        if len(self.until) >= MAX_SOURCES:
+            self._expire(now)
+        current = max(self.until.get(source, now), now)
+        expiry = min(current + PENALTIES.get(kind, 1.0), now + self.maximum)
+        self.until[source] = expiry
+        remaining = expiry - now
+        if remaining >= self.minimum and source not in self.announced:
+            self.announced.add(source)
+            return remaining
+        return None
+
+    def refused(self, host: str) -> bool:
+        if not self.enabled or not self.until:
+            return False
+        source = source_of(host)
+        expiry = self.until.get(source)
+        if expiry is None:
+            return False
+        now = self.clock()
+        if expiry <= now:
+            del self.until[source]
+            self.announced.discard(source)
+            return False
+        # Refused only once the accumulated penalty has passed the minimum.
+        return source in self.announced
+
+    def _expire(self, now: float) -> None:
+        for source, expiry in list(self.until.items()):
+            if expiry <= now:
+                del self.until[source]
+                self.announced.discard(source)
+
+    def in_force(self) -> int:
+        now = self.clock()
+        return sum(1 for s, e in self.until.items() if e > now and s in self.announced)
+
+
+@dataclass
+class Startups:
+    """Counts unauthenticated connections, globally and per source, with early drop."""
+
+    start: int
+    rate: int
+    full: int
+    per_source: int
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    total: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)
+
+    def admit(self, host: str) -> str | None:
+        """None to admit, else the reason to drop (and the caller must not call done)."""
+        source = source_of(host)
+        if self.by_source.get(source, 0) >= self.per_source:
+            return "per-source startups exceeded"
+        if self.total >= self.full:
+            return "startups full"
+        if self.total >= self.start:
+            # OpenSSH: drop with probability rising linearly from rate% at start to 100% at full.
+            span = max(1, self.full - self.start)
+            probability = self.rate + (100 - self.rate) * (self.total - self.start) / span
+            if self.rng.random() * 100 < probability:
+                return "startups early drop"
+        self.total += 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        return None
+
+    def done(self, host: str) -> None:
+        """The connection authenticated or went away: it no longer counts."""
+        source = source_of(host)
+        count = self.by_source.get(source, 0)
+        if count <= 1:
+            self.by_source.pop(source, None)
+        else:
+            self.by_source[source] = count - 1
+        self.total = max(0, self.total - 1)
