@@ -18,8 +18,8 @@ from twisted.logger import Logger
 
 from . import authkeys
 from .auth import SwitchboardUserAuth
-from .limits import Penalties, Startups
 from .connection import SwitchboardConnection
+from .limits import Penalties, Startups
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -114,6 +114,58 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         t.connId = next(self._ids)
         t.preauthCounted = True
         return t
+
+    def watchKeys(self, keysFile: Any) -> None:
+        """Follow authorized_keys: connections of removed, denied or changed keys are closed."""
+        self.keysFile = keysFile
+        keysFile.add_listener(self._keysChanged)
+
+    def checkKeys(self) -> None:
+        """Re-read authorized_keys if it changed (called periodically and on SIGHUP)."""
+        keysFile = getattr(self, "keysFile", None)
+        if keysFile is None:
+            return
+        try:
+            keysFile.entries()
+        except authkeys.AuthorizedKeysUnavailable:
+            pass  # logged by the file object; new logins fail closed, sessions stay
+
+    def _keysChanged(self) -> None:
+        if not self.config.enable_auth:
+            return
+        for avatar in list(self.avatars):
+            why = self._stillAuthorized(avatar)
+            if why is not None:
+                log.info(
+                    "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
+                    conn_id=avatar.info.conn_id,
+                    hostname=avatar.identity.hostname,
+                    fingerprint=avatar.identity.fingerprint,
+                    why=why,
+                )
+                transport = avatar.conn.transport if avatar.conn else None
+                if transport is not None:
+                    transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
+
+    def _stillAuthorized(self, avatar: Any) -> str | None:
+        identity = avatar.identity
+        try:
+            entry = self.keysFile.lookup(identity.key_blob)
+        except authkeys.AuthorizedKeysUnavailable:
+            return None
+        if entry is None:
+            return "key removed from authorized_keys"
+        if entry.denied:
+            return "key denied in authorized_keys"
+        if not authkeys.from_allows(entry, identity.peer):
+            return "key no longer allowed from this address"
+        if entry.access - {"denied"} != identity.access:
+            return "key's access changed"
+        if entry.hostname and entry.hostname.lower() != identity.hostname:
+            return "key's hostname changed"
+        if tuple(a.lower() for a in entry.aliases) != identity.aliases[1:]:
+            return "key's aliases changed"
+        return None
 
     def _drop(self, host: str, reason: str) -> None:
         """Count every drop; log at most one line per source and reason a minute."""

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import resource
+import signal
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -22,6 +23,7 @@ from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
 
 log = Logger()
+KEYS_POLL_SECONDS = 2.0
 
 
 class Options(usage.Options):
@@ -50,6 +52,14 @@ class SwitchboardService(service.MultiService):
     def __init__(self, factory: SwitchboardFactory) -> None:
         super().__init__()
         self.factory = factory
+
+    def startService(self) -> None:
+        super().startService()
+        # SIGHUP re-reads authorized_keys at once (it is also polled every 2 s).
+        try:
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.factory.checkKeys))
+        except ValueError:
+            pass  # not the main thread (tests)
 
     def setServiceParent(self, parent: Any) -> Any:
         """Under twistd, log as the config says unless ``--logger`` chose otherwise."""
@@ -112,7 +122,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         log.warn("enable_auth is off: anyone may connect with every permission")
     factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
-    factory.keysFile = keys_file
+    factory.watchKeys(keys_file)
     factory.checker = checker
     return factory, registry
 
@@ -123,6 +133,7 @@ def makeService(options: Options) -> service.IService:
     factory, registry = build(cfg)
     top = SwitchboardService(factory)
     registry.setServiceParent(top)
+    internet.TimerService(KEYS_POLL_SECONDS, factory.checkKeys).setServiceParent(top)
     endpoint = options["listen"] or cfg.listen_endpoint
     ssh = strports.service(endpoint, factory)
     ssh.setName("ssh")
