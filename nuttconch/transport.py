@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .crypto import ModernTransportMixin
 from .names import escape
 
 log = Logger()
@@ -43,12 +44,28 @@ DEFAULT_KEX = (
     b"ecdh-sha2-nistp384",
     b"ecdh-sha2-nistp521",
 )
-DEFAULT_CIPHERS = (b"aes128-ctr", b"aes192-ctr", b"aes256-ctr")
-DEFAULT_MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
+DEFAULT_CIPHERS = (
+    b"chacha20-poly1305@openssh.com",
+    b"aes128-ctr",
+    b"aes192-ctr",
+    b"aes256-ctr",
+    b"aes128-gcm@openssh.com",
+    b"aes256-gcm@openssh.com",
+)
+DEFAULT_MACS = (
+    b"hmac-sha2-256-etm@openssh.com",
+    b"hmac-sha2-512-etm@openssh.com",
+    b"hmac-sha2-256",
+    b"hmac-sha2-512",
+)
 
 # DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG: allowed (boundedly) before the first NEWKEYS.
 PREKEX_GENERIC = frozenset({1, 2, 3, 4})
 MAX_PREKEX_MESSAGES = 100
+# Client-initiated rekeys: free after 1 MiB of traffic, else from a bucket of 20 refilled 1/s.
+REKEY_FREE_AFTER = 1024 * 1024
+REKEY_BURST = 20.0
+REKEY_PER_SECOND = 1.0
 
 _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
 
@@ -60,7 +77,7 @@ def _available_kex() -> list[bytes]:
     return [k for k in DEFAULT_KEX if k in supported]
 
 
-class SwitchboardTransport(conch_transport.SSHServerTransport):
+class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransport):
     """Server transport with nuttconch's algorithm policy and deadlines."""
 
     supportedCiphers = list(DEFAULT_CIPHERS)
@@ -76,6 +93,10 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     connId: int = 0
     _closeReason = "connection lost"
     firstKexDone = False
+    bytesIn = 0
+    _bytesAtRekey = 0
+    _rekeyTokens = 0.0
+    _rekeyStamp = 0.0
     preauthCounted = False
     # What an unauthenticated close is penalised as (PerSourcePenalties kinds).
     penaltyKind = "noauth"
@@ -94,6 +115,8 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         peer = tcp.getPeer()
         self._peerHost = getattr(peer, "host", "?")
         self.factory.transportStarted(self)
+        self._rekeyTokens = REKEY_BURST
+        self._rekeyStamp = self.clock.seconds()
         if self.loginGraceTime > 0:
             self._deadline = self.clock.callLater(self.loginGraceTime, self._handshakeTimedOut)
         super().connectionMade()
@@ -156,6 +179,7 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
         """Turn a malformed message into one log line and a protocol-error disconnect."""
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
+        self.bytesIn += len(data)
         try:
             super().dataReceived(data)
         except _MALFORMED as exc:
@@ -164,6 +188,10 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if getattr(self.transport, "disconnecting", False):
             return
+        if messageNum == conch_transport.MSG_KEXINIT and self.firstKexDone:
+            if not self._rekeyAllowed():
+                self.protocolError("too many key re-exchanges")
+                return
         if not self.firstKexDone and not 20 <= messageNum < 50:
             # Before the first key exchange completes only KEX messages make sense; a few
             # IGNORE/DEBUG are tolerated, anything else (or a flood) ends the connection.
@@ -175,6 +203,22 @@ class SwitchboardTransport(conch_transport.SSHServerTransport):
                 self.protocolError("too many messages before key exchange")
                 return
         super().dispatchMessage(messageNum, payload)
+
+    def _rekeyAllowed(self) -> bool:
+        """A token bucket: rekeys that follow real traffic (RekeyLimit) are free, a storm is not."""
+        now = self.clock.seconds()
+        self._rekeyTokens = min(
+            REKEY_BURST, self._rekeyTokens + (now - self._rekeyStamp) * REKEY_PER_SECOND
+        )
+        self._rekeyStamp = now
+        if self.bytesIn - self._bytesAtRekey >= REKEY_FREE_AFTER:
+            self._bytesAtRekey = self.bytesIn
+            return True
+        self._bytesAtRekey = self.bytesIn
+        if self._rekeyTokens < 1:
+            return False
+        self._rekeyTokens -= 1
+        return True
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
         super().ssh_NEWKEYS(packet)
