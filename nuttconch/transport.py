@@ -62,8 +62,9 @@ DEFAULT_MACS = (
 # DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG: allowed (boundedly) before the first NEWKEYS.
 PREKEX_GENERIC = frozenset({1, 2, 3, 4})
 MAX_PREKEX_MESSAGES = 100
-# Client-initiated rekeys: free after 1 MiB of traffic, else from a bucket of 20 refilled 1/s.
-REKEY_FREE_AFTER = 1024 * 1024
+# Client-initiated rekeys: free after 64 KiB of traffic either way (OpenSSH RekeyLimit),
+# else taken from a bucket of 20 refilled at 1/s, so an empty rekey storm is cut off.
+REKEY_FREE_AFTER = 64 * 1024
 REKEY_BURST = 20.0
 REKEY_PER_SECOND = 1.0
 
@@ -94,6 +95,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     _closeReason = "connection lost"
     firstKexDone = False
     bytesIn = 0
+    bytesOut = 0
     _bytesAtRekey = 0
     _rekeyTokens = 0.0
     _rekeyStamp = 0.0
@@ -204,6 +206,10 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
                 return
         super().dispatchMessage(messageNum, payload)
 
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.bytesOut += len(payload)
+        super().sendPacket(messageType, payload)
+
     def _rekeyAllowed(self) -> bool:
         """A token bucket: rekeys that follow real traffic (RekeyLimit) are free, a storm is not."""
         now = self.clock.seconds()
@@ -211,10 +217,11 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             REKEY_BURST, self._rekeyTokens + (now - self._rekeyStamp) * REKEY_PER_SECOND
         )
         self._rekeyStamp = now
-        if self.bytesIn - self._bytesAtRekey >= REKEY_FREE_AFTER:
-            self._bytesAtRekey = self.bytesIn
+        traffic = self.bytesIn + self.bytesOut
+        if traffic - self._bytesAtRekey >= REKEY_FREE_AFTER:
+            self._bytesAtRekey = traffic
             return True
-        self._bytesAtRekey = self.bytesIn
+        self._bytesAtRekey = traffic
         if self._rekeyTokens < 1:
             return False
         self._rekeyTokens -= 1
