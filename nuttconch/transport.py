@@ -62,9 +62,9 @@ DEFAULT_MACS = (
 # DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG: allowed (boundedly) before the first NEWKEYS.
 PREKEX_GENERIC = frozenset({1, 2, 3, 4})
 MAX_PREKEX_MESSAGES = 100
-# Client-initiated rekeys: free after 64 KiB of traffic either way (OpenSSH RekeyLimit),
+# Client-initiated rekeys: free after 16 KiB of traffic either way (OpenSSH RekeyLimit),
 # else taken from a bucket of 20 refilled at 1/s, so an empty rekey storm is cut off.
-REKEY_FREE_AFTER = 64 * 1024
+REKEY_FREE_AFTER = 16 * 1024
 REKEY_BURST = 20.0
 REKEY_PER_SECOND = 1.0
 

@@ -58,3 +58,21 @@ class InitiatorAndClientTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIn("hostname: user1\n", text)
         self.assertRegex(text, r"names: user1-[0-9a-z]{7}\n")
         self.assertIn("access: initiate, listen\n", text)
+
+
+class RekeyTests(SwitchboardTestMixin, unittest.TestCase):
+    """Client-initiated rekeys mid-circuit (OpenSSH RekeyLimit) keep the data intact."""
+
+    @defer.inlineCallbacks
+    def test_rekey_limit_256k_both_ends(self) -> defer.Generator:
+        """16 MiB through a circuit whose both ends rekey every 256 KiB arrive intact."""
+        target = listen_echo(self)
+        rekey = ("-o", "RekeyLimit=256K")
+        yield self.initiator(self.key("k1"), "user1", f"6379:localhost:{target}", extra=rekey)
+        name = self.registry.listeners()[0].connect_name
+        payload = os.urandom(16 * 1024 * 1024)
+        out, err, code = yield self.ssh(
+            self.key("k2"), "user2", *rekey, "-W", f"{name}:6379", stdin=payload, timeout=60
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(hashlib.sha256(out).digest(), hashlib.sha256(payload).digest())
