@@ -1,0 +1,704 @@
+# -*- test-case-name: tests.test_crypto -*-
+"""Packet protection on OpenSSH 9's terms: strict KEX, AES-GCM, ChaCha20-Poly1305, EtM.
+
+Conch's ``SSHCiphers`` only knows encrypt-and-MAC with CBC/CTR, and its
+transport neither resets sequence numbers nor polices the initial key
+exchange (Terrapin, CVE-2023-48795).  This module replaces the packet layer:
+
+* ``Sealer``/``Opener`` objects frame, pad, encrypt and authenticate one
+  direction of the binary packet protocol for each supported mode:
+
+  - ``aes*-ctr`` with ``hmac-sha2-*`` (RFC 4253: MAC over seq || plaintext);
+  - ``aes*-ctr`` with ``hmac-sha2-*-etm@openssh.com`` (OpenSSH PROTOCOL 1.7:
+    length in clear, MAC over seq || length || ciphertext);
+  - ``aes{128,256}-gcm@openssh.com`` (RFC 5647 as amended by OpenSSH PROTOCOL
+    1.6: the length is additional authenticated data, not encrypted);
+  - ``chacha20-poly1305@openssh.com`` (PROTOCOL.chacha20poly1305).
+
+  Every primitive comes from ``cryptography``; only the SSH framing is here.
+
+* ``ModernTransportMixin`` puts them under a Conch ``SSHServerTransport``:
+  its own KEXINIT negotiation (AEAD ciphers imply their MAC), strict KEX
+  (OpenSSH PROTOCOL 1.10), sequence-number reset after NEWKEYS, outgoing
+  keys switched right after our NEWKEYS and incoming ones on the peer's,
+  and server-side rekeying after a byte limit like OpenSSH's RekeyLimit.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+from twisted.conch.ssh import transport as conch_transport
+from twisted.conch.ssh.common import NS, getNS
+
+MSG_KEXINIT = 20
+MSG_NEWKEYS = 21
+DISCONNECT_PROTOCOL_ERROR = conch_transport.DISCONNECT_PROTOCOL_ERROR
+DISCONNECT_MAC_ERROR = conch_transport.DISCONNECT_MAC_ERROR
+DISCONNECT_KEY_EXCHANGE_FAILED = conch_transport.DISCONNECT_KEY_EXCHANGE_FAILED
+
+KEX_STRICT_C = b"kex-strict-c-v00@openssh.com"
+KEX_STRICT_S = b"kex-strict-s-v00@openssh.com"
+EXT_INFO_C = b"ext-info-c"
+EXT_INFO_S = b"ext-info-s"
+PSEUDO_KEX = frozenset({KEX_STRICT_C, KEX_STRICT_S, EXT_INFO_C, EXT_INFO_S})
+IMPLICIT_MAC = b"<implicit>"
+
+#: OpenSSH's PACKET_MAX_SIZE: the largest packet_length accepted.
+MAX_PACKET = 256 * 1024
+_SEQ_MASK = 0xFFFFFFFF
+_ZERO_BLOCK = bytes(64)
+_pack_len = struct.Struct(">L").pack
+_pack_hdr = struct.Struct(">LBB").pack
+_pack_body = struct.Struct(">BB").pack
+_unpack_len = struct.Struct(">L").unpack_from
+
+
+@dataclass(frozen=True)
+class CipherSpec:
+    kind: str  # "ctr", "gcm", "chacha", "none"
+    key_size: int
+    iv_size: int
+    block_size: int  # for padding, as OpenSSH uses it
+
+    @property
+    def aead(self) -> bool:
+        return self.kind in ("gcm", "chacha")
+
+    @property
+    def rekey_bytes(self) -> int:
+        """OpenSSH's default rekey volume: 2**(bs*2) blocks for 16-byte blocks, else 1 GiB."""
+        if self.block_size >= 16:
+            return (1 << (self.block_size * 2)) * self.block_size
+        return 1 << 30
+
+
+@dataclass(frozen=True)
+class MacSpec:
+    hash: type[hashes.HashAlgorithm]
+    key_size: int
+    etm: bool
+
+
+CIPHERS: dict[bytes, CipherSpec] = {
+    b"chacha20-poly1305@openssh.com": CipherSpec("chacha", 64, 0, 8),
+    b"aes128-ctr": CipherSpec("ctr", 16, 16, 16),
+    b"aes192-ctr": CipherSpec("ctr", 24, 16, 16),
+    b"aes256-ctr": CipherSpec("ctr", 32, 16, 16),
+    b"aes128-gcm@openssh.com": CipherSpec("gcm", 16, 12, 16),
+    b"aes256-gcm@openssh.com": CipherSpec("gcm", 32, 12, 16),
+}
+MACS: dict[bytes, MacSpec] = {
+    b"hmac-sha2-256-etm@openssh.com": MacSpec(hashes.SHA256, 32, True),
+    b"hmac-sha2-512-etm@openssh.com": MacSpec(hashes.SHA512, 64, True),
+    b"hmac-sha2-256": MacSpec(hashes.SHA256, 32, False),
+    b"hmac-sha2-512": MacSpec(hashes.SHA512, 64, False),
+}
+_NONE_CIPHER = CipherSpec("none", 0, 0, 8)
+
+# OpenSSH 9's default preference order, restricted to what we implement.
+DEFAULT_CIPHERS: tuple[bytes, ...] = tuple(CIPHERS)
+DEFAULT_MACS: tuple[bytes, ...] = tuple(MACS)
+KNOWN_KEX: tuple[bytes, ...] = (
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+)
+
+
+def available_kex() -> tuple[bytes, ...]:
+    """KNOWN_KEX restricted to what this Conch/cryptography build can do."""
+    from twisted.conch.ssh import _kex
+
+    supported = set(_kex.getSupportedKeyExchanges())
+    return tuple(k for k in KNOWN_KEX if k in supported)
+
+
+def parse_algorithms(kind: str, text: str) -> tuple[bytes, ...]:
+    """An OpenSSH-style list: ``a,b``; ``+a`` appends to, ``-a`` removes from and
+    ``^a`` prepends to the default.  Unknown names raise ValueError."""
+    known, default = {
+        "ciphers": (tuple(CIPHERS), DEFAULT_CIPHERS),
+        "macs": (tuple(MACS), DEFAULT_MACS),
+        "kex_algorithms": (KNOWN_KEX, KNOWN_KEX),
+    }[kind]
+    text = text.strip()
+    op = text[:1] if text[:1] in "+-^" else ""
+    names = [n.strip().encode("ascii", "replace") for n in text[len(op) :].split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("expected a comma-separated list of algorithm names")
+    unknown = [n.decode() for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unsupported: {', '.join(unknown)} (supported: {', '.join(k.decode() for k in known)})"
+        )
+    if op == "+":
+        result = list(default) + [n for n in names if n not in default]
+    elif op == "-":
+        result = [n for n in default if n not in names]
+    elif op == "^":
+        result = names + [n for n in default if n not in names]
+    else:
+        result = list(dict.fromkeys(names))
+    if kind == "kex_algorithms":
+        usable = set(available_kex())
+        result = [n for n in result if n in usable]
+    if not result:
+        raise ValueError("no usable algorithm left")
+    return tuple(result)
+
+
+class PacketError(Exception):
+    """A corrupt or forged packet: the connection must be dropped."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _padlen(n: int, block: int, aad: int) -> int:
+    """OpenSSH's rule: pad (packet minus any unencrypted length) to the block, at least 4."""
+    pad = block - ((n - aad) % block)
+    if pad < 4:
+        pad += block
+    return pad
+
+
+def _check_len(packlen: int, block: int, aad: int) -> None:
+    if packlen < 5 or packlen > MAX_PACKET:
+        raise PacketError(DISCONNECT_PROTOCOL_ERROR, f"bad packet length {packlen}")
+    if (packlen + 4 - aad) % block:
+        raise PacketError(DISCONNECT_PROTOCOL_ERROR, f"bad packet length {packlen} mod {block}")
+
+
+def _payload(plain: Any, start: int, end: int) -> bytes:
+    """The payload of a decrypted [padlen|payload|padding] spanning plain[start:end]."""
+    padlen = plain[start]
+    if padlen < 4 or end - start - 1 - padlen < 1:
+        raise PacketError(DISCONNECT_PROTOCOL_ERROR, f"bad padding length {padlen}")
+    return bytes(plain[start + 1 : end - padlen])
+
+
+# -- sealers (outgoing) ------------------------------------------------------------------
+
+
+class Sealer:
+    """Turns (sequence number, message type, payload) into wire bytes."""
+
+    spec = _NONE_CIPHER
+    aad = 0
+    random = staticmethod(os.urandom)
+
+    def seal(self, seq: int, msg: int, payload: bytes) -> bytes:
+        bs = self.spec.block_size
+        n = 6 + len(payload)
+        pad = _padlen(n, bs, 0)
+        return b"".join((_pack_hdr(n + pad - 4, pad, msg), payload, self.random(pad)))
+
+
+class CtrSealer(Sealer):
+    def __init__(self, spec: CipherSpec, mac: MacSpec, key: bytes, iv: bytes, mkey: bytes):
+        self.spec = spec
+        self.etm = mac.etm
+        self.aad = 4 if mac.etm else 0
+        self._enc = Cipher(algorithms.AES(key[: spec.key_size]), modes.CTR(iv[:16])).encryptor()
+        self._mac = hmac.HMAC(mkey[: mac.key_size], mac.hash())
+
+    def seal(self, seq: int, msg: int, payload: bytes) -> bytes:
+        n = 6 + len(payload)
+        pad = _padlen(n, 16, self.aad)
+        packlen = n + pad - 4
+        h = self._mac.copy()
+        h.update(_pack_len(seq))
+        if self.etm:
+            header = _pack_len(packlen)
+            body = self._enc.update(b"".join((_pack_body(pad, msg), payload, self.random(pad))))
+            h.update(header)
+            h.update(body)
+            return b"".join((header, body, h.finalize()))
+        plain = b"".join((_pack_hdr(packlen, pad, msg), payload, self.random(pad)))
+        h.update(plain)
+        return b"".join((self._enc.update(plain), h.finalize()))
+
+
+class GcmSealer(Sealer):
+    aad = 4
+
+    def __init__(self, spec: CipherSpec, key: bytes, iv: bytes):
+        self.spec = spec
+        self._aead = AESGCM(key[: spec.key_size])
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:12], "big")
+
+    def seal(self, seq: int, msg: int, payload: bytes) -> bytes:
+        n = 6 + len(payload)
+        pad = _padlen(n, 16, 4)
+        header = _pack_len(n + pad - 4)
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
+        body = b"".join((_pack_body(pad, msg), payload, self.random(pad)))
+        return header + self._aead.encrypt(nonce, body, header)
+
+
+def _chacha_nonce(seq: int, counter: int = 0) -> bytes:
+    """cryptography's 16-byte ChaCha20 nonce: little-endian block counter, then the
+    64-bit big-endian sequence number (the original, 64-bit-nonce ChaCha20 layout)."""
+    return counter.to_bytes(8, "little") + seq.to_bytes(8, "big")
+
+
+class ChachaSealer(Sealer):
+    aad = 4
+
+    def __init__(self, spec: CipherSpec, key: bytes):
+        self.spec = spec
+        self._main = algorithms.ChaCha20  # K_2: first 32 bytes; K_1: the next 32
+        self._k2 = key[:32]
+        self._k1 = key[32:64]
+
+    def seal(self, seq: int, msg: int, payload: bytes) -> bytes:
+        n = 6 + len(payload)
+        pad = _padlen(n, 8, 4)
+        nonce = _chacha_nonce(seq)
+        header = (
+            Cipher(self._main(self._k1, nonce), None).encryptor().update(_pack_len(n + pad - 4))
+        )
+        stream = Cipher(self._main(self._k2, nonce), None).encryptor()
+        polykey = stream.update(_ZERO_BLOCK)[:32]
+        body = stream.update(b"".join((_pack_body(pad, msg), payload, self.random(pad))))
+        wire = header + body
+        return wire + Poly1305.generate_tag(polykey, wire)
+
+
+# -- openers (incoming) ------------------------------------------------------------------
+
+
+class Opener:
+    """Takes wire bytes at buf[pos:] and returns (payload, new pos), or None if incomplete."""
+
+    spec = _NONE_CIPHER
+
+    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+        if len(buf) - pos < 4:
+            return None
+        (packlen,) = _unpack_len(buf, pos)
+        _check_len(packlen, self.spec.block_size, 0)
+        end = pos + 4 + packlen
+        if len(buf) < end:
+            return None
+        return _payload(buf, pos + 4, end), end
+
+
+class CtrOpener(Opener):
+    def __init__(self, spec: CipherSpec, mac: MacSpec, key: bytes, iv: bytes, mkey: bytes):
+        self.spec = spec
+        self.etm = mac.etm
+        self._dec = Cipher(algorithms.AES(key[: spec.key_size]), modes.CTR(iv[:16])).decryptor()
+        self._mac = hmac.HMAC(mkey[: mac.key_size], mac.hash())
+        self._maclen = mac.hash.digest_size
+        self._first: bytes | None = None  # decrypted first block of a partial packet
+
+    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+        avail = len(buf) - pos
+        view = memoryview(buf)
+        if self.etm:
+            if avail < 4:
+                return None
+            (packlen,) = _unpack_len(buf, pos)
+            _check_len(packlen, 16, 4)
+            end = pos + 4 + packlen
+            if len(buf) < end + self._maclen:
+                return None
+            h = self._mac.copy()
+            h.update(_pack_len(seq))
+            h.update(view[pos:end])
+            try:
+                h.verify(buf[end : end + self._maclen])
+            except InvalidSignature:
+                raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
+            plain = self._dec.update(view[pos + 4 : end])
+            return _payload(plain, 0, packlen), end + self._maclen
+        first = self._first
+        if first is None:
+            if avail < 16:
+                return None
+            first = self._dec.update(view[pos : pos + 16])
+            self._first = first
+        (packlen,) = _unpack_len(first)
+        _check_len(packlen, 16, 0)
+        end = pos + 4 + packlen
+        if len(buf) < end + self._maclen:
+            return None
+        self._first = None
+        plain = first + self._dec.update(view[pos + 16 : end])
+        h = self._mac.copy()
+        h.update(_pack_len(seq))
+        h.update(plain)
+        try:
+            h.verify(buf[end : end + self._maclen])
+        except InvalidSignature:
+            raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
+        return _payload(plain, 4, 4 + packlen), end + self._maclen
+
+
+class GcmOpener(Opener):
+    def __init__(self, spec: CipherSpec, key: bytes, iv: bytes):
+        self.spec = spec
+        self._aead = AESGCM(key[: spec.key_size])
+        self._fixed = iv[:4]
+        self._counter = int.from_bytes(iv[4:12], "big")
+
+    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+        if len(buf) - pos < 4:
+            return None
+        (packlen,) = _unpack_len(buf, pos)
+        _check_len(packlen, 16, 4)
+        end = pos + 4 + packlen + 16
+        if len(buf) < end:
+            return None
+        view = memoryview(buf)
+        nonce = self._fixed + self._counter.to_bytes(8, "big")
+        try:
+            plain = self._aead.decrypt(nonce, view[pos + 4 : end], view[pos : pos + 4])
+        except InvalidTag:
+            raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
+        self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
+        return _payload(plain, 0, packlen), end
+
+
+class ChachaOpener(Opener):
+    def __init__(self, spec: CipherSpec, key: bytes):
+        self.spec = spec
+        self._k2 = key[:32]
+        self._k1 = key[32:64]
+        self._pending: tuple[int, int] | None = None  # (seq, decrypted length)
+
+    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+        if len(buf) - pos < 4:
+            return None
+        nonce = _chacha_nonce(seq)
+        pending = self._pending
+        if pending is not None and pending[0] == seq:
+            packlen = pending[1]
+        else:
+            clear = (
+                Cipher(algorithms.ChaCha20(self._k1, nonce), None)
+                .decryptor()
+                .update(buf[pos : pos + 4])
+            )
+            (packlen,) = _unpack_len(clear)
+            _check_len(packlen, 8, 4)
+            self._pending = (seq, packlen)
+        end = pos + 4 + packlen
+        if len(buf) < end + 16:
+            return None
+        self._pending = None
+        view = memoryview(buf)
+        stream = Cipher(algorithms.ChaCha20(self._k2, nonce), None).decryptor()
+        polykey = stream.update(_ZERO_BLOCK)[:32]
+        try:
+            Poly1305.verify_tag(polykey, view[pos:end], buf[end : end + 16])
+        except InvalidSignature:
+            raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
+        plain = stream.update(view[pos + 4 : end])
+        return _payload(plain, 0, packlen), end + 16
+
+
+def make_sealer(cipher: bytes, mac: bytes, key: bytes, iv: bytes, mkey: bytes) -> Sealer:
+    spec = CIPHERS[cipher]
+    if spec.kind == "chacha":
+        return ChachaSealer(spec, key)
+    if spec.kind == "gcm":
+        return GcmSealer(spec, key, iv)
+    return CtrSealer(spec, MACS[mac], key, iv, mkey)
+
+
+def make_opener(cipher: bytes, mac: bytes, key: bytes, iv: bytes, mkey: bytes) -> Opener:
+    spec = CIPHERS[cipher]
+    if spec.kind == "chacha":
+        return ChachaOpener(spec, key)
+    if spec.kind == "gcm":
+        return GcmOpener(spec, key, iv)
+    return CtrOpener(spec, MACS[mac], key, iv, mkey)
+
+
+class PacketCrypto:
+    """Drop-in for Conch's SSHCiphers: the negotiated names, then one Sealer and one Opener."""
+
+    def __init__(self, outCip: bytes, inCip: bytes, outMac: bytes, inMac: bytes) -> None:
+        self.outCipType = outCip
+        self.inCipType = inCip
+        self.outMACType = outMac
+        self.inMACType = inMac
+        self.sealer: Sealer = Sealer()
+        self.opener: Opener = Opener()
+
+    def setKeys(
+        self,
+        outIV: bytes,
+        outKey: bytes,
+        inIV: bytes,
+        inKey: bytes,
+        outInteg: bytes,
+        inInteg: bytes,
+    ) -> None:
+        self.sealer = make_sealer(self.outCipType, self.outMACType, outKey, outIV, outInteg)
+        self.opener = make_opener(self.inCipType, self.inMACType, inKey, inIV, inInteg)
+
+    @property
+    def encBlockSize(self) -> int:
+        return self.sealer.spec.block_size
+
+    @property
+    def decBlockSize(self) -> int:
+        return self.opener.spec.block_size
+
+
+def negotiate(client: list[bytes], server: list[bytes] | tuple[bytes, ...]) -> bytes | None:
+    """RFC 4253 7.1: the first of the client's names that the server also supports."""
+    offered = set(server)
+    for name in client:
+        if name in offered:
+            return name
+    return None
+
+
+def _mac_for(cipher: bytes | None, client: list[bytes], server: list[bytes]) -> bytes | None:
+    if cipher is None:
+        return None
+    if CIPHERS[cipher].aead:
+        return IMPLICIT_MAC  # the cipher authenticates; the MAC lists are not consulted
+    return negotiate(client, server)
+
+
+# -- the transport mixin -----------------------------------------------------------------
+
+
+class ModernTransportMixin:
+    """Strict KEX, modern packet modes and rekeying for a Conch SSHServerTransport.
+
+    Place it before ``SSHServerTransport`` in the bases.  The subclass must
+    provide ``protocolError(what)`` (log + DISCONNECT protocol error).
+    """
+
+    # Set per connection by the factory; class defaults for tests.
+    supportedCiphers: list[bytes] = list(DEFAULT_CIPHERS)
+    supportedMACs: list[bytes] = list(DEFAULT_MACS)
+    #: Rekey (server-initiated) after this many bytes in either direction;
+    #: 0 means the cipher's OpenSSH default (1 GiB for ChaCha20, 64 GiB for AES).
+    rekeyLimit: int = 0
+
+    strictKex = False
+    _initialKex = True
+    _kexInitReceived = False
+    _newKeysSent = False
+    _inPos = 0
+    _sealer: Sealer = Sealer()
+    _opener: Opener = Opener()
+    _bytesOut = 0
+    _bytesIn = 0
+    _rekeyAt = 0
+
+    # outgoing
+
+    def sendKexInit(self) -> None:
+        """KEXINIT; the initial one also offers ext-info-s and kex-strict-s (PROTOCOL 1.10)."""
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:  # type: ignore[attr-defined]
+            raise RuntimeError(f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}")  # type: ignore[attr-defined]  # noqa: E501
+        kex = list(self.supportedKeyExchanges)  # type: ignore[attr-defined]
+        if self.sessionID is None:  # type: ignore[attr-defined]
+            kex += [EXT_INFO_S, KEX_STRICT_S]
+        ciphers = b",".join(self.supportedCiphers)
+        macs = b",".join(self.supportedMACs)
+        comps = b",".join(self.supportedCompressions)  # type: ignore[attr-defined]
+        langs = b",".join(self.supportedLanguages)  # type: ignore[attr-defined]
+        self.ourKexInitPayload = b"".join(
+            [
+                bytes((MSG_KEXINIT,)),
+                os.urandom(16),
+                NS(b",".join(kex)),
+                NS(b",".join(self.supportedPublicKeys)),  # type: ignore[attr-defined]
+                NS(ciphers),
+                NS(ciphers),
+                NS(macs),
+                NS(macs),
+                NS(comps),
+                NS(comps),
+                NS(langs),
+                NS(langs),
+                b"\0\0\0\0\0",
+            ]
+        )
+        self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
+        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED  # type: ignore[attr-defined]
+        self._blockedByKeyExchange = []
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:  # type: ignore[attr-defined]
+            if not self._allowedKeyExchangeMessageType(messageType):  # type: ignore[attr-defined]
+                self._blockedByKeyExchange.append((messageType, payload))
+                return
+        if self.outgoingCompression:  # type: ignore[attr-defined]
+            packet = self.outgoingCompression.compress(bytes((messageType,)) + payload)  # type: ignore[attr-defined]  # noqa: E501
+            packet += self.outgoingCompression.flush(2)  # type: ignore[attr-defined]
+            messageType, payload = packet[0], packet[1:]
+        seq = self.outgoingPacketSequence
+        data = self._sealer.seal(seq, messageType, payload)
+        self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
+        self.transport.write(data)  # type: ignore[attr-defined]
+        self._bytesOut += len(data)
+        if self._rekeyAt and self._bytesOut > self._rekeyAt:
+            self._maybeRekey()
+
+    # incoming
+
+    def getPacket(self) -> bytes | None:
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is None or getattr(transport, "disconnecting", False):
+            return None
+        buf = self.buf  # type: ignore[has-type]
+        pos = self._inPos
+        seq = self.incomingPacketSequence
+        try:
+            result = self._opener.open(buf, pos, seq)
+        except PacketError as exc:
+            self._inPos = 0
+            self.buf = b""
+            self.sendDisconnect(exc.code, exc.message.encode("ascii"))  # type: ignore[attr-defined]
+            return None
+        if result is None:
+            if pos:
+                self.buf = buf[pos:]
+                self._inPos = 0
+            return None
+        payload, end = result
+        self._bytesIn += end - pos
+        self._inPos = end
+        self.incomingPacketSequence = (seq + 1) & _SEQ_MASK
+        if self.incomingCompression:  # type: ignore[attr-defined]
+            payload = self.incomingCompression.decompress(payload)  # type: ignore[attr-defined]
+        if self._initialKex and self.strictKex and not self._strictAllows(payload[0]):
+            self.protocolError(  # type: ignore[attr-defined]
+                f"strict KEX violation: unexpected message {payload[0]} (seq {seq})"
+            )
+            return None
+        if self._rekeyAt and self._bytesIn > self._rekeyAt:
+            self._maybeRekey()
+        return payload
+
+    def _strictAllows(self, messageNum: int) -> bool:
+        """During a strict initial KEX only the key exchange itself may arrive, in order."""
+        if messageNum == conch_transport.MSG_DISCONNECT:
+            return True  # it ends the connection anyway
+        if messageNum == MSG_KEXINIT:
+            return not self._kexInitReceived
+        if messageNum == MSG_NEWKEYS:
+            return self._newKeysSent
+        if 30 <= messageNum <= 49:
+            return self._kexInitReceived and not self._newKeysSent
+        return False
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        """Negotiate (RFC 4253 7.1, AEAD ciphers implying their MAC) and note strict KEX."""
+        if self._kexInitReceived:
+            self.protocolError("unexpected KEXINIT during key exchange")  # type: ignore[attr-defined]
+            return
+        k = getNS(packet[16:], 10)
+        strings, rest = k[:-1], k[-1]
+        kexAlgs, keyAlgs, encCS, encSC, macCS, macSC, compCS, compSC, _, _ = (
+            s.split(b",") for s in strings
+        )
+        if self._initialKex and self.sessionID is None:  # type: ignore[attr-defined]
+            self.strictKex = KEX_STRICT_C in kexAlgs
+            if self.strictKex and self.incomingPacketSequence != 1:
+                self.protocolError("strict KEX violation: KEXINIT was not the first packet")  # type: ignore[attr-defined]  # noqa: E501
+                return
+        self._kexInitReceived = True
+        self.otherKexInitPayload = bytes((MSG_KEXINIT,)) + packet
+        kexAlg = negotiate(kexAlgs, self.supportedKeyExchanges)  # type: ignore[attr-defined]
+        keyAlg = negotiate(keyAlgs, self.supportedPublicKeys)  # type: ignore[attr-defined]
+        cipIn = negotiate(encCS, self.supportedCiphers)
+        cipOut = negotiate(encSC, self.supportedCiphers)
+        macIn = _mac_for(cipIn, macCS, self.supportedMACs)
+        macOut = _mac_for(cipOut, macSC, self.supportedMACs)
+        compIn = negotiate(compCS, self.supportedCompressions)  # type: ignore[attr-defined]
+        compOut = negotiate(compSC, self.supportedCompressions)  # type: ignore[attr-defined]
+        chosen = (kexAlg, keyAlg, cipIn, cipOut, macIn, macOut, compIn, compOut)
+        if None in chosen or kexAlg in PSEUDO_KEX:
+            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # type: ignore[attr-defined]  # noqa: E501
+            return
+        self.kexAlg = kexAlg
+        self.keyAlg = keyAlg
+        self.nextEncryptions = PacketCrypto(cipOut, cipIn, macOut, macIn)  # type: ignore[arg-type]
+        self.outgoingCompressionType = compOut
+        self.incomingCompressionType = compIn
+        self._peerSupportsExtensions = EXT_INFO_C in kexAlgs
+        if self._keyExchangeState == self._KEY_EXCHANGE_REQUESTED:  # type: ignore[attr-defined]
+            self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING  # type: ignore[attr-defined]
+        else:
+            self.sendKexInit()
+        if rest[:1] != b"\0" and (
+            kexAlgs[0] != self.supportedKeyExchanges[0]  # type: ignore[attr-defined]
+            or keyAlgs[0] != self.supportedPublicKeys[0]  # type: ignore[attr-defined]
+        ):
+            self.ignoreNextPacket = True  # the client's guessed KEX packet was wrong
+
+    def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
+        """Derive keys (RFC 4253 7.2), send NEWKEYS and switch the outgoing direction."""
+        firstKey = self.sessionID is None  # type: ignore[has-type]
+        if firstKey:
+            self.sessionID = exchangeHash
+        k = {c: self._getKey(c, sharedSecret, exchangeHash) for c in (b"A", b"B", b"C", b"D", b"E", b"F")}  # type: ignore[attr-defined]  # noqa: E501
+        nxt = self.nextEncryptions
+        nxt.setKeys(k[b"B"], k[b"D"], k[b"A"], k[b"C"], k[b"F"], k[b"E"])
+        self.sendPacket(MSG_NEWKEYS, b"")
+        self._sealer = nxt.sealer
+        self._newKeysSent = True
+        if self.strictKex:
+            self.outgoingPacketSequence = 0
+        self._bytesOut = 0
+        if firstKey:
+            self.sendExtInfo([(b"server-sig-algs", b",".join(self.supportedPublicKeys))])  # type: ignore[attr-defined]  # noqa: E501
+
+    def ssh_NEWKEYS(self, packet: bytes) -> None:
+        if packet != b"":
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS takes no data")  # type: ignore[attr-defined]  # noqa: E501
+            return
+        if not self._newKeysSent:
+            self.protocolError("NEWKEYS before key exchange")  # type: ignore[attr-defined]
+            return
+        if self.strictKex:
+            self.incomingPacketSequence = 0
+        self._opener = self.nextEncryptions.opener
+        self._bytesIn = 0
+        self._initialKex = False
+        self._kexInitReceived = False
+        self._newKeysSent = False
+        limit = self.rekeyLimit or min(
+            CIPHERS[self.nextEncryptions.inCipType].rekey_bytes,
+            CIPHERS[self.nextEncryptions.outCipType].rekey_bytes,
+        )
+        self._rekeyAt = limit
+        self._newKeys()  # type: ignore[attr-defined]
+
+    def _maybeRekey(self) -> None:
+        """Start a server-side rekey once the volume limit is passed (OpenSSH RekeyLimit)."""
+        if (
+            self._keyExchangeState == self._KEY_EXCHANGE_NONE  # type: ignore[attr-defined]
+            and not self._initialKex
+            and not getattr(self.transport, "disconnecting", False)  # type: ignore[attr-defined]
+        ):
+            self._bytesIn = self._bytesOut = 0
+            self.sendKexInit()
