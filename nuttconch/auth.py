@@ -100,7 +100,7 @@ class AuthorizedKeysChecker:
         self.allow_new_clients = allow_new_clients
         self.calls = 0
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
+    def requestAvatarId(self, credentials: Any) -> Any:
         self.calls += 1
         return defer.maybeDeferred(self._check, credentials)
 
@@ -149,9 +149,7 @@ class AuthorizedKeysChecker:
             return self._trust_on_first_use(username, key, info)
         return self._identity(username, key, entry, entry.access - {"denied"}, info)
 
-    def _trust_on_first_use(
-        self, username: str, key: keys.Key, info: ConnectionInfo
-    ) -> defer.Deferred[Identity]:
+    def _trust_on_first_use(self, username: str, key: keys.Key, info: ConnectionInfo) -> Any:
         entry = authkeys.AuthorizedKey(
             options=tuple(("access", a) for a in authkeys.TOFU_ACCESS),
             keytype=key.sshType().decode("ascii"),
@@ -236,6 +234,8 @@ class _PortalProxy:
 
 class SwitchboardUserAuth(userauth.SSHUserAuthServer):
     """Public key only, bounded attempts, one login at a time, and readable refusals."""
+
+    transport: Any
 
     maxNoneAttempts = 10
 

@@ -26,6 +26,7 @@ class CircuitEnd(channel.SSHChannel):
     """One side of a circuit; ``peer`` is the other side once both are open."""
 
     manualWindow = True
+    conn: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import common, connection, forwarding
+from twisted.conch.ssh import transport as conch_transport
 from twisted.internet import task
 from twisted.logger import Logger
 
@@ -28,6 +29,7 @@ log = Logger()
 
 if TYPE_CHECKING:
     from .avatar import SwitchboardAvatar
+    from .transport import SwitchboardTransport
 
 OPEN_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
@@ -63,6 +65,8 @@ class OpenRefused(Exception):
 class SwitchboardConnection(connection.SSHConnection):
     """One authenticated SSH connection, as client, initiator, or both."""
 
+    transport: SwitchboardTransport  # type: ignore[assignment]
+
     def __init__(self) -> None:
         super().__init__()
         self.pendingOpens: dict[int, Any] = {}
@@ -74,7 +78,8 @@ class SwitchboardConnection(connection.SSHConnection):
 
     @property
     def avatar(self) -> SwitchboardAvatar:
-        return self.transport.avatar  # type: ignore[no-any-return]
+        avatar: SwitchboardAvatar = self.transport.avatar  # type: ignore[assignment]
+        return avatar
 
     @property
     def config(self) -> Any:
@@ -110,7 +115,7 @@ class SwitchboardConnection(connection.SSHConnection):
                 count=self._unanswered,
             )
             self.transport.sendDisconnect(
-                connection.transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout"
+                conch_transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout"
             )
             return
         self._unanswered += 1
@@ -141,7 +146,7 @@ class SwitchboardConnection(connection.SSHConnection):
             timeout=self.config.unused_connection_timeout,
         )
         self.transport.sendDisconnect(
-            connection.transport.DISCONNECT_BY_APPLICATION, b"unused connection timeout"
+            conch_transport.DISCONNECT_BY_APPLICATION, b"unused connection timeout"
         )
 
     # message guards
@@ -318,9 +323,9 @@ class SwitchboardConnection(connection.SSHConnection):
             conn=self,
             avatar=self.avatar,
         )
-        localChannel = self.localChannelID
+        localChannel: int = self.localChannelID
         self.localChannelID += 1
-        client.id = localChannel
+        client.id = localChannel  # type: ignore[assignment]
         self.channels[localChannel] = client
         self.channelsToRemoteChannel[client] = pending.senderChannel
         self.localToRemoteChannel[localChannel] = pending.senderChannel

@@ -33,7 +33,8 @@ class SwitchboardSession(conch_session.SSHSession):
 
     def request_pty_req(self, data: bytes) -> int:
         """Refuse ptys quietly when allow_pty is off (Conch would log a traceback)."""
-        if not self.avatar.config.allow_pty:
+        avatar: Any = self.avatar
+        if not avatar.config.allow_pty:
             log.info("pty request refused: allow_pty is off")
             return 0
         return int(super().request_pty_req(data))
@@ -97,7 +98,8 @@ class SessionHandler:
         return config.server_fqdn, port
 
     def getPty(self, term: bytes, windowSize: Any, modes: Any) -> None:
-        if not self.avatar.config.allow_pty:
+        avatar: Any = self.avatar
+        if not avatar.config.allow_pty:
             raise PermissionError("pty requests are disabled on this server")
         self.pty = True
 

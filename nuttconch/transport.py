@@ -88,6 +88,8 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     ourVersionString = b"SSH-2.0-nuttconch_0.1"
 
     clock: IReactorTime = default_reactor  # type: ignore[assignment]
+    factory: Any
+    transport: Any
     loginGraceTime: float = 30.0
     _deadline: Any = None
     _peerHost: str = "?"
