@@ -95,6 +95,17 @@ def _algorithms(text: str) -> tuple[str, ...]:
     return names
 
 
+def _algorithm_names(kind: str) -> Callable[[str], tuple[bytes, ...]]:
+    """An OpenSSH-style list (``+``/``-``/``^`` modifiers), checked against crypto.py."""
+
+    def parse(text: str) -> tuple[bytes, ...]:
+        from .crypto import parse_algorithms
+
+        return parse_algorithms(kind, text)
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str
@@ -167,6 +178,29 @@ SCHEMA: tuple[Setting, ...] = (
         _int_range(32768, 16 * 1024 * 1024),
         "2097152",
         "receive window per circuit end, bytes",
+    ),
+    Setting(
+        "server",
+        "ciphers",
+        _algorithm_names("ciphers"),
+        "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,"
+        "aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+        "ciphers, best first (OpenSSH Ciphers syntax: +append, -remove, ^prepend)",
+    ),
+    Setting(
+        "server",
+        "macs",
+        _algorithm_names("macs"),
+        "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512",
+        "MACs for the CTR ciphers, best first (OpenSSH MACs syntax)",
+    ),
+    Setting(
+        "server",
+        "kex_algorithms",
+        _algorithm_names("kex_algorithms"),
+        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,"
+        "ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521",
+        "key exchange algorithms, best first (OpenSSH KexAlgorithms syntax)",
     ),
     Setting(
         "server",

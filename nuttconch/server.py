@@ -111,6 +111,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         ]
         t.clock = self.clock
         t.loginGraceTime = self.config.login_grace_time
+        t.supportedCiphers = list(self.config.ciphers)
+        t.supportedMACs = list(self.config.macs)
+        t.supportedKeyExchanges = list(self.config.kex_algorithms)
         t.connId = next(self._ids)
         t.preauthCounted = True
         return t
