@@ -95,16 +95,77 @@ def help_text(avatar: Any, shell: bool = False) -> Result:
         "  listeners   connected initiators (needs access=list; also: list)",
         "  help        this text",
     ]
+    access = avatar.identity.access
+    if "admin" in access or "list" in access:
+        lines += [
+            "  listeners --json           the same as JSON",
+            "  circuits [--json]          open circuits with age and bytes (list or admin)",
+            "  stats [--json]             counters and totals (list or admin)",
+        ]
+    if "admin" in access:
+        lines += [
+            "Administration (access=admin):",
+            "  keys [--json]              authorized keys with options and fingerprints",
+            "  kick NAME                  disconnect the initiator NAME (or NAME~N)",
+            "  grant FINGERPRINT ACCESS.. add access values (initiate listen list admin)",
+            "  revoke FINGERPRINT         remove the key from authorized_keys, drop it",
+            '  ban FINGERPRINT            set access="denied" and drop its connections',
+        ]
     if shell:
         lines.append("  quit, exit  leave the shell (also Ctrl-D)")
     return Result(0, "\n".join(lines) + "\n")
 
 
-COMMANDS: dict[str, Callable[[Any], Result]] = {
-    "whoami": whoami,
-    "listeners": listeners,
-    "list": listeners,
-    "help": help_text,
+@dataclass(frozen=True)
+class Command:
+    """A command: its handler, who may run it, and whether it takes arguments."""
+
+    handler: Callable[[Any, list[str]], Result]
+    needs: frozenset[str] = frozenset()  # any one of these access values; empty: anyone
+    takes_args: bool = True
+
+
+def _no_args(handler: Callable[[Any], Result]) -> Callable[[Any, list[str]], Result]:
+    def run_it(avatar: Any, args: list[str]) -> Result:
+        return handler(avatar)
+
+    return run_it
+
+
+def _listeners_cmd(avatar: Any, args: list[str]) -> Result:
+    if not args:
+        return listeners(avatar)
+    if args != ["--json"]:
+        return Result(2, err="usage: listeners [--json]\n")
+    if "list" not in avatar.identity.access:
+        return listeners(avatar)  # the same refusal as without --json
+    return admin.listeners_json(avatar)
+
+
+def _admin(name: str) -> Callable[[Any, list[str]], Result]:
+    """Late-bound, so that admin (which imports this module) may be imported first."""
+
+    def run_it(avatar: Any, args: list[str]) -> Result:
+        return getattr(admin, name)(avatar, args)  # type: ignore[no-any-return]
+
+    return run_it
+
+
+_ADMIN = frozenset({"admin"})
+_VIEW = frozenset({"admin", "list"})
+
+COMMANDS: dict[str, Command] = {
+    "whoami": Command(_no_args(whoami), takes_args=False),
+    "listeners": Command(_listeners_cmd),
+    "list": Command(_listeners_cmd),
+    "help": Command(_no_args(help_text), takes_args=False),
+    "circuits": Command(_admin("circuits"), _VIEW),
+    "stats": Command(_admin("stats"), _VIEW),
+    "keys": Command(_admin("keys"), _ADMIN),
+    "kick": Command(_admin("kick"), _ADMIN),
+    "grant": Command(_admin("grant"), _ADMIN),
+    "revoke": Command(_admin("revoke"), _ADMIN),
+    "ban": Command(_admin("ban"), _ADMIN),
 }
 
 
@@ -120,9 +181,15 @@ def run(avatar: Any, line: str | bytes) -> Result:
         return Result(2, err=f"cannot parse command: {exc}\n")
     if not argv:
         return Result(0)
-    handler = COMMANDS.get(argv[0])
-    if handler is None:
+    command = COMMANDS.get(argv[0])
+    if command is None:
         return Result(127, err=f"unknown command: {escape(argv[0])} (try: help)\n")
-    if len(argv) > 1:
+    if len(argv) > 1 and not command.takes_args:
         return Result(2, err=f"{argv[0]}: takes no arguments\n")
-    return handler(avatar)
+    if command.needs and not command.needs & avatar.identity.access:
+        needs = " or ".join(f"access={n}" for n in sorted(command.needs))
+        return Result(1, err=f"Permission denied: this key may not run {argv[0]} (needs {needs})\n")
+    return command.handler(avatar, argv[1:])
+
+
+from . import admin  # noqa: E402  (admin imports Result from this module)

@@ -218,7 +218,52 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting("log", "level", _choice("debug", "info", "warn", "error"), "info", "log level"),
     Setting("log", "format", _choice("text", "json"), "text", "text, or JSON lines"),
+    # Operations: metrics and status page, webhooks.
+    Setting(
+        "metrics",
+        "listen",
+        lambda text: _endpoint_or_off(text),
+        "",
+        "HTTP endpoint for /metrics and the status page, e.g. tcp:9100:interface=127.0.0.1,"
+        " or a port number (loopback); empty: off",
+    ),
+    Setting(
+        "metrics",
+        "per_name_labels",
+        _bool,
+        "false",
+        "add per-initiator name labels to metrics (one series per name: mind cardinality)",
+    ),
+    Setting("events", "url", lambda text: _url_or_off(text), "", "webhook URL; empty: off"),
+    Setting(
+        "events", "queue_size", _int_range(1, 1000000), "1000", "webhook events held when slow"
+    ),
+    Setting("events", "timeout", _seconds, "10", "webhook request timeout"),
+    Setting("events", "retries", _int_range(0, 100), "5", "webhook retries, backing off"),
+    Setting("events", "backoff", _seconds, "1", "first retry delay, doubling up to 5 minutes"),
 )
+
+
+def _endpoint_or_off(text: str) -> str:
+    """A Twisted server endpoint; a bare port number means loopback only."""
+    value = text.strip()
+    if not value:
+        return ""
+    if value.isdigit():
+        if not 0 <= int(value) <= 65535:
+            raise ValueError("expected a port from 0 to 65535")
+        return f"tcp:{int(value)}:interface=127.0.0.1"
+    kind = value.split(":", 1)[0]
+    if ":" not in value or not kind.isalnum():
+        raise ValueError("expected a Twisted endpoint such as tcp:9100:interface=127.0.0.1")
+    return value
+
+
+def _url_or_off(text: str) -> str:
+    value = text.strip()
+    if value and not value.lower().startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
 
 
 @dataclass(frozen=True)
