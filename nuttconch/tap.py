@@ -138,5 +138,8 @@ def makeService(options: Options) -> service.IService:
     ssh = strports.service(endpoint, factory)
     ssh.setName("ssh")
     ssh.setServiceParent(top)
+    from .web import install as install_operations
+
+    install_operations(factory, cfg, top)
     log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
     return top

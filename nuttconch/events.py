@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.test_ops -*-
+"""Log lines for server events that protocol code does not log itself.
+
+Connections, authentications, forwards added or cancelled, circuits opened,
+closed or refused are logged where they happen; this observer adds the
+initiator coming and going (with every name, the address and the key
+fingerprint, and the ports it released) and penalties, so that each of
+those is one structured event too. Values are the factory's event fields:
+no key material or secret is ever among them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from .names import escape
+
+log = Logger()
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self.ports: dict[str, set[int]] = {}
+        self.released: dict[str, list[int]] = {}
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "initiator.up":
+            log.info(
+                "initiator {name} up from {peer} (key {fingerprint}, names {aliases})",
+                event="initiator.up",
+                name=fields.get("name"),
+                peer=fields.get("peer"),
+                fingerprint=fields.get("fingerprint"),
+                aliases=",".join(escape(a) for a in fields.get("aliases", ())),
+            )
+        elif event == "forward.add":
+            self.ports.setdefault(str(fields.get("name")), set()).add(fields.get("port", 0))
+        elif event == "forward.remove":
+            name = str(fields.get("name"))
+            self.ports.get(name, set()).discard(fields.get("port", 0))
+            self.released.setdefault(name, []).append(fields.get("port", 0))
+        elif event == "initiator.down":
+            name = str(fields.get("name"))
+            released = sorted(self.released.pop(name, []))
+            if not self.ports.get(name):
+                self.ports.pop(name, None)
+            log.info(
+                "initiator {name} down from {peer} (key {fingerprint}); ports {ports} released",
+                event="initiator.down",
+                name=name,
+                peer=fields.get("peer"),
+                fingerprint=fields.get("fingerprint"),
+                ports=",".join(str(p) for p in released) or "none",
+            )
+        elif event.startswith("penalty"):
+            log.info(
+                "penalty for {peer}: {reason}",
+                event=event,
+                **{k: v for k, v in fields.items() if k != "event"},
+            )
+
+
+def attach(factory: Any) -> EventLog:
+    observer = EventLog()
+    factory.observers.append(observer)
+    return observer
