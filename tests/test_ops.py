@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import treq
@@ -413,3 +414,70 @@ class ConfigTests(unittest.TestCase):
         metrics_svc = next(s for s in top if getattr(s, "name", None) == "metrics-http")
         self.assertTrue(re.search("interface=127.0.0.1", metrics_svc.endpoint._interface) or
                         metrics_svc.endpoint._interface == "127.0.0.1")  # fmt: skip
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(name: str) -> str:
+    with open(os.path.join(ROOT, name)) as handle:
+        return handle.read()
+
+
+class DeploymentTests(SwitchboardTestMixin, unittest.TestCase):
+    """The deployment files agree with the README and work against a real server."""
+
+    def test_dockerfile_uses_the_readme_install_command(self) -> None:
+        """The image is built with the README's first command, so the two cannot drift."""
+        readme = read("README.md")
+        first = readme.split("```")[1].strip().splitlines()[0]
+        install, run = (part.strip() for part in first.split("&&"))
+        dockerfile = read("Dockerfile")
+        self.assertIn(f"\nRUN {install}\n", dockerfile)
+        self.assertEqual(run, "twistd -n nuttconch")
+        self.assertIn('CMD ["nuttconch"]', dockerfile)  # the same, without a pid file
+        self.assertRegex(dockerfile, r"\nFROM python:[0-9.]+-slim\n")
+        self.assertRegex(dockerfile, r"\nUSER nuttconch\n")
+        self.assertIn('VOLUME ["/var/lib/nuttconch/keys"]', dockerfile)
+        self.assertIn("keys", read(".dockerignore").split())
+
+    @defer.inlineCallbacks
+    def test_healthcheck_command_against_a_server(self) -> Any:
+        """The HEALTHCHECK script passes against a live server and fails without one."""
+        line = next(x for x in read("Dockerfile").splitlines() if x.strip().startswith("CMD ["))
+        argv = json.loads(line.strip()[len("CMD ") :])
+        self.assertEqual(argv[:2], ["python", "-c"])
+        script = argv[2].replace("2222", str(self.port))
+        from twisted.internet.utils import getProcessValue
+
+        code = yield getProcessValue(sys.executable, ["-c", script], env=os.environ)
+        self.assertEqual(code, 0)
+        yield self.listening.stopListening()
+        self.listening = None
+        code = yield getProcessValue(sys.executable, ["-c", script], env=os.environ)
+        self.assertNotEqual(code, 0)
+
+    def test_systemd_unit(self) -> None:
+        """The unit runs the console script sandboxed, with its state in StateDirectory."""
+        unit = read("deploy/nuttconch.service")
+        for setting in (
+            "ExecStart=/opt/nuttconch/bin/nuttconch",
+            "StateDirectory=nuttconch",
+            "WorkingDirectory=/var/lib/nuttconch",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "CapabilityBoundingSet=\n",
+            "SystemCallFilter=@system-service",
+            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        ):
+            self.assertIn(setting, unit)
+
+    def test_compose_config_loads(self) -> None:
+        """The compose example's nuttssh.ini is valid and enables the metrics listener."""
+        cfg = configmod.load(os.path.join(ROOT, "deploy", "nuttssh.compose.ini"))
+        self.assertEqual(cfg.listen, "tcp:9100")
+        compose = read("docker-compose.yml")
+        self.assertIn('"127.0.0.1:9100:9100"', compose)
+        self.assertIn("./deploy/nuttssh.compose.ini:/etc/nuttconch/nuttssh.ini:ro", compose)
