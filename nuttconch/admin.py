@@ -15,6 +15,7 @@ import base64
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -42,7 +43,7 @@ def _json(value: Any) -> Result:
     return Result(0, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return (
         "\n".join(

@@ -188,6 +188,9 @@ class _Leaf(resource.Resource):
             return b"not found\n"
         return self.render_GET(request)
 
+    def render_GET(self, request: Any) -> bytes:
+        raise NotImplementedError
+
 
 class MetricsPage(_Leaf):
     def __init__(self, metrics: metricsmod.Metrics) -> None:
