@@ -516,7 +516,9 @@ class ModernTransportMixin:
     def sendKexInit(self) -> None:
         """KEXINIT; the initial one also offers ext-info-s and kex-strict-s (PROTOCOL 1.10)."""
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:  # type: ignore[attr-defined]
-            raise RuntimeError(f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}")  # type: ignore[attr-defined]  # noqa: E501
+            raise RuntimeError(
+                f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}"
+            )  # type: ignore[attr-defined]  # noqa: E501
         kex = list(self.supportedKeyExchanges)  # type: ignore[attr-defined]
         if self.sessionID is None:  # type: ignore[attr-defined]
             kex += [EXT_INFO_S, KEX_STRICT_S]
@@ -660,7 +662,10 @@ class ModernTransportMixin:
         firstKey = self.sessionID is None  # type: ignore[has-type]
         if firstKey:
             self.sessionID = exchangeHash
-        k = {c: self._getKey(c, sharedSecret, exchangeHash) for c in (b"A", b"B", b"C", b"D", b"E", b"F")}  # type: ignore[attr-defined]  # noqa: E501
+        k = {
+            c: self._getKey(c, sharedSecret, exchangeHash)
+            for c in (b"A", b"B", b"C", b"D", b"E", b"F")
+        }  # type: ignore[attr-defined]  # noqa: E501
         nxt = self.nextEncryptions
         nxt.setKeys(k[b"B"], k[b"D"], k[b"A"], k[b"C"], k[b"F"], k[b"E"])
         self.sendPacket(MSG_NEWKEYS, b"")
