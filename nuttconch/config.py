@@ -266,6 +266,10 @@ def _url_or_off(text: str) -> str:
     return value
 
 
+# Config.values is keyed by key name alone, so a key name may appear in one section only.
+assert len({s.key for s in SCHEMA}) == len(SCHEMA), "config keys must be unique across sections"
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated settings; attribute names are the ini keys."""

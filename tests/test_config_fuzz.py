@@ -51,7 +51,10 @@ def _value_for(setting: config.Setting) -> st.SearchStrategy[tuple[str, object]]
         return st.sampled_from(["debug", "info", "warn", "error"]).map(lambda v: (v, v))
     if key == "format":
         return st.sampled_from(["text", "json"]).map(lambda v: (v, v))
-    return _words.map(lambda w: (w, w))
+    if setting.parse is config._text:
+        return _words.map(lambda w: (w, w))
+    # Keys with their own grammar (algorithm lists, endpoints, URLs): their default text.
+    return st.just((setting.default, setting.parse(setting.default)))
 
 
 def _write(text: str) -> str:
