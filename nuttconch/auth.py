@@ -264,13 +264,15 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 return None
             self._queue.append(packet)
             return None
-        user = userauth.getNS(packet)[0]
+        user, nextService, method = userauth.getNS(packet, 3)[:3]
+        if nextService != b"ssh-connection":
+            self.transport.protocolError("authentication for an unknown service")
+            return None
         if self._firstUser is None:
             self._firstUser = user
         elif user != self._firstUser:
             self.transport.protocolError("user name changed during authentication")
             return None
-        method = userauth.getNS(packet, 3)[2]
         if method == b"none":
             self._noneAttempts += 1
             if self._noneAttempts > self.maxNoneAttempts:
@@ -305,7 +307,7 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 "conn {conn_id} from {peer}: login refused for {user}: {reason}",
                 conn_id=self.info.conn_id,
                 peer=self.info.peer,
-                user=escape(self.user or b""),
+                user=escape((self.user or b"")[:64]),
                 reason=refusal.reason,
                 message=refusal.message,
             )
@@ -326,7 +328,12 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
         self.transport.sendPacket(userauth.MSG_USERAUTH_BANNER, NS(text.encode("utf-8")) + NS(b""))
 
     def _cbFinishedAuth(self, result: Any) -> None:
-        _, avatar, _ = result
+        _, avatar, logout = result
+        tcp = self.transport.transport
+        if tcp is None or tcp.disconnecting or not getattr(tcp, "connected", True):
+            # The connection ended while the checker ran (e.g. a slow first-use write).
+            logout()
+            return
         self.transport.factory.authSucceeded(self.info.peer)
         log.info(
             "conn {conn_id} from {peer}: authenticated {hostname} key {fingerprint}"

@@ -23,6 +23,9 @@ from .limits import Penalties, Startups
 from .transport import SwitchboardTransport
 
 log = Logger()
+# An unauthenticated connection that has not finished key exchange after this many seconds
+# may be dropped to admit a newcomer when MaxStartups is full.
+STALLER_AGE = 1.0
 
 
 class SwitchboardFactory(conch_factory.SSHFactory):
@@ -65,6 +68,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             enabled=config.per_source_penalties,
         )
         self.dropped = 0
+        # Unauthenticated transports in arrival order (a dict used as an ordered set).
+        self.preauth: dict[SwitchboardTransport, None] = {}
         self._dropLogged: dict[str, float] = {}
         self._lost: dict[SwitchboardTransport, defer.Deferred[None]] = {}
         # Observers of server events (metrics, webhooks, tests): f(event, fields).
@@ -101,13 +106,26 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             self._drop(host, "source is penalised")
             return None
         reason = self.startups.admit(host)
+        if reason is not None and reason != "per-source startups exceeded":
+            # Full of unauthenticated connections: make room by dropping the oldest one that
+            # has not even finished key exchange (a staller), so a real client still gets in.
+            victim = self._oldestStaller()
+            if victim is not None:
+                self.preauthDone(victim)
+                victim.penaltyKind = "grace-exceeded"
+                victim.transport.abortConnection()
+                reason = self.startups.admit(host)
         if reason is not None:
             self._drop(host, reason)
             return None
         t = protocol.Factory.buildProtocol(self, addr)
         assert isinstance(t, SwitchboardTransport)
+        # Host key signatures without ssh-rsa: SHA-1 is not offered, even with an RSA key.
         t.supportedPublicKeys = [
-            alg for key in self.privateKeys.values() for alg in key.supportedSignatureAlgorithms()
+            alg
+            for key in self.privateKeys.values()
+            for alg in key.supportedSignatureAlgorithms()
+            if alg != b"ssh-rsa"
         ]
         t.clock = self.clock
         t.loginGraceTime = self.config.login_grace_time
@@ -116,6 +134,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         t.supportedKeyExchanges = list(self.config.kex_algorithms)
         t.connId = next(self._ids)
         t.preauthCounted = True
+        t.startedAt = self.clock.seconds()
+        self.preauth[t] = None
         return t
 
     def watchKeys(self, keysFile: Any) -> None:
@@ -170,6 +190,13 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key's aliases changed"
         return None
 
+    def _oldestStaller(self) -> SwitchboardTransport | None:
+        now = self.clock.seconds()
+        for transport in self.preauth:  # insertion order: oldest first
+            if not transport.firstKexDone and now - transport.startedAt >= STALLER_AGE:
+                return transport
+        return None
+
     def _drop(self, host: str, reason: str) -> None:
         """Count every drop; log at most one line per source and reason a minute."""
         self.dropped += 1
@@ -186,6 +213,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         """The connection authenticated or closed: it leaves the MaxStartups count."""
         if transport.preauthCounted:
             transport.preauthCounted = False
+            self.preauth.pop(transport, None)
             self.startups.done(transport._peerHost)
 
     def penalise(self, host: str, kind: str) -> None:

@@ -102,6 +102,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     _rekeyTokens = 0.0
     _rekeyStamp = 0.0
     preauthCounted = False
+    startedAt = 0.0
     # What an unauthenticated close is penalised as (PerSourcePenalties kinds).
     penaltyKind = "noauth"
     preKexMessages = 0
@@ -128,12 +129,6 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def _handshakeTimedOut(self) -> None:
         self._deadline = None
         self.penaltyKind = "grace-exceeded"
-        log.info(
-            "conn {conn_id} from {peer}: handshake not finished within {grace}s, closing",
-            conn_id=self.connId,
-            peer=self._peerHost,
-            grace=self.loginGraceTime,
-        )
         self.sendDisconnect(
             conch_transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
             b"login grace time exceeded",
@@ -192,6 +187,10 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if getattr(self.transport, "disconnecting", False):
             return
+        if messageNum >= 80 and not hasattr(self, "avatar"):
+            # Connection-protocol messages (channels, global requests) before login.
+            self.protocolError(f"message {messageNum} before authentication")
+            return
         if messageNum == conch_transport.MSG_KEXINIT and self.firstKexDone:
             if not self._rekeyAllowed():
                 self.protocolError("too many key re-exchanges")
@@ -211,6 +210,13 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         self.bytesOut += len(payload)
         super().sendPacket(messageType, payload)
+        # Sequence numbers are uint32 and wrap (RFC 4253 6.4); Conch would overflow struct.
+        self.outgoingPacketSequence &= 0xFFFFFFFF
+
+    def getPacket(self) -> bytes | None:
+        packet: bytes | None = super().getPacket()
+        self.incomingPacketSequence &= 0xFFFFFFFF
+        return packet
 
     def _rekeyAllowed(self) -> bool:
         """A token bucket: rekeys that follow real traffic (RekeyLimit) are free, a storm is not."""
@@ -237,20 +243,20 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         """Disconnect a peer that broke the protocol, logging it once."""
         if getattr(self.transport, "disconnecting", False):
             return
-        self.penaltyKind = "garbage"
-        log.info(
-            "conn {conn_id} from {peer}: {what}, disconnecting",
-            conn_id=self.connId,
-            peer=self._peerHost,
-            what=escape(what),
-        )
+        # The one log line is the "closed" line, which carries this reason.
         self.sendDisconnect(conch_transport.DISCONNECT_PROTOCOL_ERROR, what.encode("ascii"))
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         """Send DISCONNECT once, without Conch's multi-line log entry."""
         if getattr(self.transport, "disconnecting", False):
             return
-        self._closeReason = f"disconnected by server ({escape(desc)})"
+        self._closeReason = f"disconnected by server ({escape(desc[:200])})"
+        if reason in (
+            conch_transport.DISCONNECT_PROTOCOL_ERROR,
+            conch_transport.DISCONNECT_MAC_ERROR,
+            conch_transport.DISCONNECT_KEY_EXCHANGE_FAILED,
+        ) and not hasattr(self, "avatar"):
+            self.penaltyKind = "garbage"
         self.sendPacket(
             conch_transport.MSG_DISCONNECT,
             struct.pack(">L", reason) + conch_transport.NS(desc) + conch_transport.NS(b""),

@@ -115,6 +115,8 @@ class AdminCommandTests(AdminMixin, OpsTestMixin, unittest.TestCase):
         """kick NAME disconnects that initiator: its ssh exits, its names are gone."""
         proc = yield self.initiator(self.key("dev"), "dev", "80:localhost:80")
         other = yield self.initiator(self.key("dev2"), "dev2", "80:localhost:80")
+        # Both hold port 80, so wait until dev2 itself is registered.
+        yield self.waitFor(lambda: len(self.registry.listeners()) == 2, 10, "both initiators")
         name = next(x.connect_name for x in self.registry.listeners() if x.hostname == "dev")
         out, err, code = yield self.admin("kick", name)
         self.assertEqual(code, 0, err)
