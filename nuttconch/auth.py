@@ -35,6 +35,7 @@ log = Logger()
 
 ALL_ACCESS = frozenset({"initiate", "listen", "list", "admin"})
 MIN_RSA_BITS = 2048
+MAX_USER_BYTES = 1024
 
 
 class Refused(UnauthorizedLogin):
@@ -265,6 +266,11 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             self._queue.append(packet)
             return None
         user, nextService, method = userauth.getNS(packet, 3)[:3]
+        if len(user) > MAX_USER_BYTES:
+            # Refused before anything (Conch's own debug records included) sees it whole.
+            self.user, self.nextService, self.method = user[:64], nextService, method
+            self._ebBadAuth(Failure(Refused("user name is too long", reason="bad user name")))
+            return None
         if nextService != b"ssh-connection":
             self.transport.protocolError("authentication for an unknown service")
             return None

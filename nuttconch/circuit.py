@@ -35,6 +35,7 @@ class CircuitEnd(channel.SSHChannel):
         self.eofPending = False
         self.bytesIn = 0
         self.circuit: Circuit | None = None
+        self.buf: bytearray = bytearray()  # type: ignore[assignment]
 
     # receiving
 
@@ -63,16 +64,62 @@ class CircuitEnd(channel.SSHChannel):
             self.held -= grantable
             self.conn.adjustWindow(self, grantable)
 
-    def addWindowBytes(self, data: int) -> None:
-        super().addWindowBytes(data)
-        if self.buf:
+    # sending: our own write path, with a bytearray queue instead of Conch's bytes buffer
+
+    def write(self, data: bytes) -> None:
+        """Send what the peer's window allows and queue the rest.
+
+        The queue is a bytearray (appending and consuming from the front are cheap, no
+        2 MiB copies per packet), and while this connection's socket is backed up nothing
+        is sent: a slow reader's bytes then wait here, where they hold back the sender's
+        window, instead of piling up in Twisted's TCP write buffer as well.
+        """
+        if self.buf or self.conn.congested:
+            self.buf += data
             return
-        if self.eofPending and not self.localClosed:
+        window = self.remoteWindowLeft
+        size = len(data)
+        if size <= window:
+            self._sendPackets(data, size)
+        else:
+            self._sendPackets(data, window)
+            self.buf += data[window:]
+
+    def _sendPackets(self, data: bytes | memoryview, size: int) -> None:
+        if size <= 0:
+            return
+        rmp = self.remoteMaxPacket
+        send = self.conn.sendData
+        if size <= rmp:
+            send(self, bytes(data[:size]) if size < len(data) else bytes(data))
+        else:
+            for offset in range(0, size, rmp):
+                send(self, bytes(data[offset : min(offset + rmp, size)]))
+        self.remoteWindowLeft -= size
+
+    def flush(self) -> None:
+        """Send queued bytes as far as the window allows; then a pending EOF or close."""
+        buf = self.buf
+        if buf and not self.conn.congested and not self.localClosed:
+            size = min(len(buf), self.remoteWindowLeft)
+            if size > 0:
+                with memoryview(buf) as view:
+                    self._sendPackets(view, size)
+                del buf[:size]
+        if buf:
+            return
+        if self.closing:
+            self.loseConnection()
+        elif self.eofPending and not self.localClosed:
             self.eofPending = False
             self.conn.sendEOF(self)
         peer = self.peer
         if peer is not None and not peer.localClosed:
             peer.grant()
+
+    def addWindowBytes(self, data: int) -> None:
+        self.remoteWindowLeft += data
+        self.flush()
 
     def eofReceived(self) -> None:
         peer = self.peer
@@ -85,7 +132,7 @@ class CircuitEnd(channel.SSHChannel):
 
     def closeReceived(self) -> None:
         """The remote end is gone: nothing more can be sent to it, so close at once."""
-        self.buf = b""
+        self.buf = bytearray()
         self.eofPending = False
         if self.conn is not None:
             self.conn.sendClose(self)

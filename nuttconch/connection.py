@@ -87,6 +87,10 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        # Learn when our socket's write buffer is full, so circuits stop granting window.
+        tcp = self.transport.transport
+        if getattr(tcp, "registerProducer", None) is not None and tcp.producer is None:
+            tcp.registerProducer(self, True)
         interval = self.config.client_alive_interval
         if interval > 0:
             self._keepalive = task.LoopingCall(self._sendKeepalive)
@@ -96,6 +100,7 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def serviceStopped(self) -> None:
         self.stopped = True
+        self.congested = False
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
         if self._idleCall is not None and self._idleCall.active():
@@ -104,6 +109,25 @@ class SwitchboardConnection(connection.SSHConnection):
             pending.cancel()
         self.pendingOpens.clear()
         super().serviceStopped()
+
+    # IPushProducer, registered on our own TCP transport: only its congestion is used.
+
+    congested = False
+
+    def pauseProducing(self) -> None:
+        self.congested = True
+
+    def resumeProducing(self) -> None:
+        self.congested = False
+        for chan in list(self.channels.values()):
+            flush = getattr(chan, "flush", None)
+            if flush is not None:
+                flush()
+                if self.congested:
+                    break
+
+    def stopProducing(self) -> None:
+        self.congested = False
 
     # keepalive and idle timeout
 

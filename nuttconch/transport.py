@@ -164,7 +164,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         """The peer sent DISCONNECT: an ordinary end of a connection, not an error."""
         self._closeReason = f"peer disconnected ({escape(description[:200])})"
-        self.transport.loseConnection()
+        self.closeTCP()
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         """Advertise the user-key algorithms we verify, not our host key types."""
@@ -239,6 +239,14 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         super().ssh_NEWKEYS(packet)
         self.firstKexDone = True
 
+    def closeTCP(self) -> None:
+        """loseConnection, first dropping our producer: Twisted would otherwise resume a
+        paused producer instead of closing once the write buffer drains."""
+        tcp = self.transport
+        if getattr(tcp, "producer", None) is not None:
+            tcp.unregisterProducer()
+        tcp.loseConnection()
+
     def protocolError(self, what: str) -> None:
         """Disconnect a peer that broke the protocol, logging it once."""
         if getattr(self.transport, "disconnecting", False):
@@ -261,4 +269,4 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             conch_transport.MSG_DISCONNECT,
             struct.pack(">L", reason) + conch_transport.NS(desc) + conch_transport.NS(b""),
         )
-        self.transport.loseConnection()
+        self.closeTCP()
