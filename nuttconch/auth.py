@@ -73,6 +73,8 @@ class ConnectionInfo:
     peer: str
     conn_id: int = 0
     messages: list[str] = field(default_factory=list)
+    # The key of the latest attempt, for refusal logs and events.
+    fingerprint: str = ""
 
 
 def fingerprint(blob: bytes) -> str:
@@ -125,6 +127,7 @@ class AuthorizedKeysChecker:
                 reason="sha1 signature",
             )
         blob = credentials.blob
+        info.fingerprint = fingerprint(blob)
         entry: authkeys.AuthorizedKey | None = None
         if self.enable_auth:
             try:
@@ -310,17 +313,19 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 self._shown.add(refusal.message)
                 self.sendBanner(f"nuttconch: {refusal.message}\r\n")
             log.info(
-                "conn {conn_id} from {peer}: login refused for {user}: {reason}",
+                "conn {conn_id} from {peer}: login refused for {user}: {reason}"
+                " (key {fingerprint})",
                 conn_id=self.info.conn_id,
                 peer=self.info.peer,
+                fingerprint=self.info.fingerprint or "none",
                 user=escape((self.user or b"")[:64]),
                 reason=refusal.reason,
                 message=refusal.message,
             )
-            self.transport.factory.authFailed(self.info.peer, refusal.reason)
+            self.transport.factory.authFailed(self.info.peer, refusal.reason, self.info.fingerprint)
             self.transport.penaltyKind = "authfail"
         elif not reason.check(conch_error.IgnoreAuthentication) and self.method != b"none":
-            self.transport.factory.authFailed(self.info.peer, "failed")
+            self.transport.factory.authFailed(self.info.peer, "failed", self.info.fingerprint)
             self.transport.penaltyKind = "authfail"
         if not reason.check(
             conch_error.IgnoreAuthentication, UnauthorizedLogin, conch_error.ConchError

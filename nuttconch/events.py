@@ -54,12 +54,6 @@ class EventLog:
                 fingerprint=fields.get("fingerprint"),
                 ports=",".join(str(p) for p in released) or "none",
             )
-        elif event.startswith("penalty"):
-            log.info(
-                "penalty for {peer}: {reason}",
-                event=event,
-                **{k: v for k, v in fields.items() if k != "event"},
-            )
 
 
 def attach(factory: Any) -> EventLog:

@@ -249,8 +249,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         if waiter is not None:
             waiter.callback(None)
 
-    def authFailed(self, peer: str, reason: str) -> None:
-        self.emit("auth.fail", peer=peer, reason=reason)
+    def authFailed(self, peer: str, reason: str, fingerprint: str = "") -> None:
+        self.emit("auth.fail", peer=peer, reason=reason, fingerprint=fingerprint)
 
     def authSucceeded(self, peer: str) -> None:
         pass
