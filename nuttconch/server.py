@@ -8,6 +8,7 @@ stop) is reached through this one object, as in Conch's own tap.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -158,7 +159,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return
         for avatar in list(self.avatars):
             why = self._stillAuthorized(avatar)
-            if why is not None:
+            if why is None:
+                self._applyAccess(avatar)
+            else:
                 log.info(
                     "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
                     conn_id=avatar.info.conn_id,
@@ -169,6 +172,22 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 transport = avatar.conn.transport if avatar.conn else None
                 if transport is not None:
                     transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
+
+    def _applyAccess(self, avatar: Any) -> None:
+        """A changed access= takes effect at once on the live connection."""
+        try:
+            entry = self.keysFile.lookup(avatar.identity.key_blob)
+        except authkeys.AuthorizedKeysUnavailable:
+            return
+        access = frozenset(entry.access - {"denied"}) if entry is not None else None
+        if access is not None and access != avatar.identity.access:
+            log.info(
+                "conn {conn_id}: access of {fingerprint} is now {access}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                access=",".join(sorted(access)) or "none",
+            )
+            avatar.identity = dataclasses.replace(avatar.identity, access=access)
 
     def _stillAuthorized(self, avatar: Any) -> str | None:
         identity = avatar.identity
@@ -182,8 +201,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key denied in authorized_keys"
         if not authkeys.from_allows(entry, identity.peer):
             return "key no longer allowed from this address"
-        if entry.access - {"denied"} != identity.access:
-            return "key's access changed"
+        if avatar.holdsPorts() and "initiate" not in entry.access:
+            return "key lost access=initiate while holding virtual ports"
         if entry.hostname and entry.hostname.lower() != identity.hostname:
             return "key's hostname changed"
         if tuple(a.lower() for a in entry.aliases) != identity.aliases[1:]:
