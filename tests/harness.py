@@ -332,3 +332,27 @@ def listen_echo(testcase: Any, tag: bytes = b"") -> int:
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     testcase.addCleanup(port.stopListening)
     return port.getHost().port
+
+
+def listening_sockets() -> set[str]:
+    """Inodes of TCP sockets in LISTEN state that this process holds."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ours.add(link[8:-1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A":
+                listening.add(fields[9])
+    return ours & listening

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from nuttconch.authkeys import parse_text
 from nuttconch.names import escape
 
-from .harness import SwitchboardTestMixin, listen_echo
+from .harness import SwitchboardTestMixin, listen_echo, listening_sockets
 
 DEVICE_PORT = 7100
 FORWARD_PORT = 7000
@@ -75,30 +75,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def listening_sockets() -> set[str]:
-    """Inodes of TCP sockets in LISTEN state that this process holds."""
-    ours = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            ours.add(link[8:-1])
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == "0A":
-                listening.add(fields[9])
-    return ours & listening
 
 
 class _Canary(protocol.Protocol):

@@ -34,7 +34,7 @@ from nuttconch.logs import make_observer
 from nuttconch.names import escape
 
 from . import rawssh
-from .harness import SSHProcess, SwitchboardTestMixin, listen_echo
+from .harness import SSHProcess, SwitchboardTestMixin, listen_echo, listening_sockets
 from .rawssh import NS, connect_client, connect_raw, direct_tcpip, open_failure_code, packet
 
 AUTOSSH = (which("autossh") or [None])[0]
@@ -1431,25 +1431,6 @@ class _Canary(protocol.Protocol):
         pass
 
 
-def listening_inodes() -> set[str]:
-    ours = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            ours.add(link[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as handle:
-            for row in handle.read().splitlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A":
-                    found.add(fields[9])
-    return ours & found
-
-
 class E_BoundaryTests(ThreatMixin, unittest.TestCase):
     """THREATS section (e): cases 37 and 38."""
 
@@ -1486,7 +1467,7 @@ class E_BoundaryTests(ThreatMixin, unittest.TestCase):
             "resolve",
             lambda *a, **k: (calls.append(("resolve", a)), realResolve(*a, **k))[1],
         )
-        listeningBefore = listening_inodes()
+        listeningBefore = listening_sockets()
         targets = [
             (b"nosuchname", 80),
             (b"127.0.0.1", cport),
@@ -1509,7 +1490,7 @@ class E_BoundaryTests(ThreatMixin, unittest.TestCase):
             self.assertEqual(num, 81)
         self.assertEqual(canary.hits, 0)  # type: ignore[attr-defined]
         self.assertEqual(calls, [])
-        self.assertEqual(listening_inodes(), listeningBefore)
+        self.assertEqual(listening_sockets(), listeningBefore)
         yield self.assertServing()
 
     @defer.inlineCallbacks
