@@ -122,10 +122,10 @@ def main() -> None:
                 next_sample = time.monotonic() + 0.5
         elapsed = time.monotonic() - started
         peak = max(peak, rss_kib(server.pid))
-        print(
-            f"bytes received: {got} of {size} in {elapsed:.1f}s ({got / elapsed / 1048576:.2f} MiB/s)"
-        )
-        print(f"server RSS baseline {baseline} KiB, peak {peak} KiB, growth {peak - baseline} KiB")
+        rate_got = got / elapsed / 1048576
+        print(f"bytes received: {got} of {size} in {elapsed:.1f}s ({rate_got:.2f} MiB/s)")
+        growth = peak - baseline
+        print(f"server RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth} KiB")
         print(f"server VmHWM {rss_kib(server.pid, 'VmHWM')} KiB")
     finally:
         for proc in reversed(procs):

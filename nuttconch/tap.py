@@ -57,7 +57,10 @@ class SwitchboardService(service.MultiService):
         super().startService()
         # SIGHUP re-reads authorized_keys at once (it is also polled every 2 s).
         try:
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.factory.checkKeys))
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: reactor.callFromThread(self.factory.checkKeys),  # type: ignore[attr-defined]
+            )
         except ValueError:
             pass  # not the main thread (tests)
 
@@ -123,7 +126,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
-    factory.checker = checker
+    factory.checker = checker  # type: ignore[attr-defined]
     return factory, registry
 
 
