@@ -86,15 +86,26 @@ class CircuitEnd(channel.SSHChannel):
             self.buf += data[window:]
 
     def _sendPackets(self, data: bytes | memoryview, size: int) -> None:
+        """Send data[:size] as CHANNEL_DATA packets of at most the peer's packet size,
+        as views: the transport seals them from pieces, without joining copies."""
         if size <= 0:
             return
-        rmp = self.remoteMaxPacket
-        send = self.conn.sendData
-        if size <= rmp:
-            send(self, bytes(data[:size]) if size < len(data) else bytes(data))
-        else:
-            for offset in range(0, size, rmp):
-                send(self, bytes(data[offset : min(offset + rmp, size)]))
+        conn = self.conn
+        if not self.localClosed:  # as SSHConnection.sendData: nothing after our close
+            fast = getattr(conn.transport, "sendChannelData", None)
+            if fast is not None:
+                send, to = fast, conn.channelsToRemoteChannel[self]
+            else:
+                send, to = conn.sendData, self
+            view = memoryview(data)
+            if size != len(data):
+                view = view[:size]
+            rmp = self.remoteMaxPacket
+            if size <= rmp:
+                send(to, view)
+            else:
+                for offset in range(0, size, rmp):
+                    send(to, view[offset : offset + rmp])
         self.remoteWindowLeft -= size
 
     def flush(self) -> None:

@@ -37,6 +37,7 @@ OPEN_UNKNOWN_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 
 _circuit_ids = itertools.count(1)
+_unpack_2L = struct.Struct(">2L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
 # Channel messages whose first field is our channel id, and whether the channel must be open.
 _CHANNEL_MESSAGES = {
@@ -199,11 +200,14 @@ class SwitchboardConnection(connection.SSHConnection):
         chan.addWindowBytes(bytesToAdd)
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        """Data for circuit ends does not auto-refill the window: the splice grants it."""
-        localChannel, dataLength = struct.unpack(">2L", packet[:8])
+        """Data for circuit ends does not auto-refill the window: the splice grants it.
+
+        ``packet`` may be a memoryview of the decrypted packet (the transport's fast
+        path): circuit ends get a view of the data, other channels bytes."""
+        localChannel, dataLength = _unpack_2L(packet, 0)
         chan = self.channels[localChannel]
         if not getattr(chan, "manualWindow", False):
-            return super().ssh_CHANNEL_DATA(packet)
+            return super().ssh_CHANNEL_DATA(bytes(packet))
         if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
             self.transport.protocolError("channel data exceeds the window or packet size")
             return None

@@ -60,6 +60,10 @@ _pack_len = struct.Struct(">L").pack
 _pack_hdr = struct.Struct(">LBB").pack
 _pack_body = struct.Struct(">BB").pack
 _unpack_len = struct.Struct(">L").unpack_from
+_pack_lenpad = struct.Struct(">LB").pack
+_pack_byte = struct.Struct(">B").pack
+_pack_data_head = struct.Struct(">BLL").pack
+MSG_CHANNEL_DATA = 94
 
 
 @dataclass(frozen=True)
@@ -184,12 +188,19 @@ def _check_len(packlen: int, block: int, aad: int) -> None:
         raise PacketError(DISCONNECT_PROTOCOL_ERROR, f"bad packet length {packlen} mod {block}")
 
 
-def _payload(plain: Any, start: int, end: int) -> bytes:
-    """The payload of a decrypted [padlen|payload|padding] spanning plain[start:end]."""
+def _bounds(plain: Any, start: int, end: int) -> tuple[Any, int, int]:
+    """(plain, first, last): the payload of a decrypted [padlen|payload|padding] spanning
+    plain[start:end] is plain[first:last]; nothing is copied."""
     padlen = plain[start]
     if padlen < 4 or end - start - 1 - padlen < 1:
         raise PacketError(DISCONNECT_PROTOCOL_ERROR, f"bad padding length {padlen}")
-    return bytes(plain[start + 1 : end - padlen])
+    return plain, start + 1, end - padlen
+
+
+def _payload(plain: Any, start: int, end: int) -> bytes:
+    """The payload of a decrypted [padlen|payload|padding] spanning plain[start:end]."""
+    _, first, last = _bounds(plain, start, end)
+    return bytes(plain[first:last])
 
 
 # -- sealers (outgoing) ------------------------------------------------------------------
@@ -207,6 +218,12 @@ class Sealer:
         n = 6 + len(payload)
         pad = _padlen(n, bs, 0)
         return b"".join((_pack_hdr(n + pad - 4, pad, msg), payload, self.random(pad)))
+
+    def seal_pieces(self, seq: int, head: bytes, data: Any) -> list[bytes]:
+        """Wire bytes of the message ``head + data`` (``head`` starts with the message
+        type), as a list for ``writeSequence``; ``data`` may be a memoryview.  Modes
+        that can work on pieces avoid joining ``data`` into a new payload."""
+        return [self.seal(seq, head[0], head[1:] + bytes(data))]
 
 
 class CtrSealer(Sealer):
@@ -232,6 +249,31 @@ class CtrSealer(Sealer):
         plain = b"".join((_pack_hdr(packlen, pad, msg), payload, self.random(pad)))
         h.update(plain)
         return b"".join((self._enc.update(plain), h.finalize()))
+
+    def seal_pieces(self, seq: int, head: bytes, data: Any) -> list[bytes]:
+        """CTR is a stream cipher and HMAC is incremental: encrypt and MAC the pieces."""
+        n = 5 + len(head) + len(data)
+        pad = _padlen(n, 16, self.aad)
+        packlen = n + pad - 4
+        enc = self._enc.update
+        h = self._mac.copy()
+        h.update(_pack_len(seq))
+        padding = self.random(pad)
+        if self.etm:
+            length = _pack_len(packlen)
+            first = enc(_pack_byte(pad) + head)
+            body = enc(data)
+            tail = enc(padding)
+            h.update(length)
+            h.update(first)
+            h.update(body)
+            h.update(tail)
+            return [length + first, body, tail + h.finalize()]
+        first = _pack_lenpad(packlen, pad) + head
+        h.update(first)
+        h.update(data)
+        h.update(padding)
+        return [enc(first), enc(data), enc(padding) + h.finalize()]
 
 
 class GcmSealer(Sealer):
@@ -286,11 +328,21 @@ class ChachaSealer(Sealer):
 
 
 class Opener:
-    """Takes wire bytes at buf[pos:] and returns (payload, new pos), or None if incomplete."""
+    """Takes wire bytes at buf[pos:] and returns (payload, new pos), or None if incomplete.
+
+    ``open_raw`` is the same without the copy: ((plain, first, last), new pos), the
+    payload being plain[first:last] of a decrypted buffer that nothing else holds."""
 
     spec = _NONE_CIPHER
 
-    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+    def open(self, buf: Any, pos: int, seq: int) -> tuple[bytes, int] | None:
+        result = self.open_raw(buf, pos, seq)
+        if result is None:
+            return None
+        (plain, first, last), end = result
+        return bytes(plain[first:last]), end
+
+    def open_raw(self, buf: Any, pos: int, seq: int) -> tuple[tuple[Any, int, int], int] | None:
         if len(buf) - pos < 4:
             return None
         (packlen,) = _unpack_len(buf, pos)
@@ -298,7 +350,8 @@ class Opener:
         end = pos + 4 + packlen
         if len(buf) < end:
             return None
-        return _payload(buf, pos + 4, end), end
+        # buf may be the transport's receive buffer, which changes: copy the packet out.
+        return _bounds(bytes(buf[pos + 4 : end]), 0, packlen), end
 
 
 class CtrOpener(Opener):
@@ -310,7 +363,7 @@ class CtrOpener(Opener):
         self._maclen = mac.hash.digest_size
         self._first: bytes | None = None  # decrypted first block of a partial packet
 
-    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+    def open_raw(self, buf: Any, pos: int, seq: int) -> tuple[tuple[Any, int, int], int] | None:
         avail = len(buf) - pos
         view = memoryview(buf)
         if self.etm:
@@ -325,11 +378,11 @@ class CtrOpener(Opener):
             h.update(_pack_len(seq))
             h.update(view[pos:end])
             try:
-                h.verify(buf[end : end + self._maclen])
+                h.verify(bytes(buf[end : end + self._maclen]))
             except InvalidSignature:
                 raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
             plain = self._dec.update(view[pos + 4 : end])
-            return _payload(plain, 0, packlen), end + self._maclen
+            return _bounds(plain, 0, packlen), end + self._maclen
         first = self._first
         if first is None:
             if avail < 16:
@@ -347,10 +400,10 @@ class CtrOpener(Opener):
         h.update(_pack_len(seq))
         h.update(plain)
         try:
-            h.verify(buf[end : end + self._maclen])
+            h.verify(bytes(buf[end : end + self._maclen]))
         except InvalidSignature:
             raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
-        return _payload(plain, 4, 4 + packlen), end + self._maclen
+        return _bounds(plain, 4, 4 + packlen), end + self._maclen
 
 
 class GcmOpener(Opener):
@@ -360,7 +413,7 @@ class GcmOpener(Opener):
         self._fixed = iv[:4]
         self._counter = int.from_bytes(iv[4:12], "big")
 
-    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+    def open_raw(self, buf: Any, pos: int, seq: int) -> tuple[tuple[Any, int, int], int] | None:
         if len(buf) - pos < 4:
             return None
         (packlen,) = _unpack_len(buf, pos)
@@ -375,7 +428,7 @@ class GcmOpener(Opener):
         except InvalidTag:
             raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
         self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
-        return _payload(plain, 0, packlen), end
+        return _bounds(plain, 0, packlen), end
 
 
 class ChachaOpener(Opener):
@@ -385,7 +438,7 @@ class ChachaOpener(Opener):
         self._k1 = key[32:64]
         self._pending: tuple[int, int] | None = None  # (seq, decrypted length)
 
-    def open(self, buf: bytes, pos: int, seq: int) -> tuple[bytes, int] | None:
+    def open_raw(self, buf: Any, pos: int, seq: int) -> tuple[tuple[Any, int, int], int] | None:
         if len(buf) - pos < 4:
             return None
         nonce = _chacha_nonce(seq)
@@ -396,7 +449,7 @@ class ChachaOpener(Opener):
             clear = (
                 Cipher(algorithms.ChaCha20(self._k1, nonce), None)
                 .decryptor()
-                .update(buf[pos : pos + 4])
+                .update(bytes(buf[pos : pos + 4]))
             )
             (packlen,) = _unpack_len(clear)
             _check_len(packlen, 8, 4)
@@ -409,11 +462,11 @@ class ChachaOpener(Opener):
         stream = Cipher(algorithms.ChaCha20(self._k2, nonce), None).decryptor()
         polykey = stream.update(_ZERO_BLOCK)[:32]
         try:
-            Poly1305.verify_tag(polykey, view[pos:end], buf[end : end + 16])
+            Poly1305.verify_tag(polykey, view[pos:end], bytes(buf[end : end + 16]))
         except InvalidSignature:
             raise PacketError(DISCONNECT_MAC_ERROR, "bad MAC") from None
         plain = stream.update(view[pos + 4 : end])
-        return _payload(plain, 0, packlen), end + 16
+        return _bounds(plain, 0, packlen), end + 16
 
 
 def make_sealer(cipher: bytes, mac: bytes, key: bytes, iv: bytes, mkey: bytes) -> Sealer:
@@ -564,9 +617,58 @@ class ModernTransportMixin:
         if self._rekeyAt and self._bytesOut > self._rekeyAt:
             self._maybeRekey()
 
+    def sendChannelData(self, remoteChannel: int, data: Any) -> None:
+        """CHANNEL_DATA without joining ``data`` (bytes or a memoryview) into a payload:
+        the packet is sealed from pieces and handed to ``writeSequence``.  During a key
+        exchange (or with compression) it takes ``sendPacket``'s ordinary path."""
+        head = _pack_data_head(MSG_CHANNEL_DATA, remoteChannel, len(data))
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.outgoingCompression:  # type: ignore[attr-defined]  # noqa: E501
+            ModernTransportMixin.sendPacket(self, MSG_CHANNEL_DATA, head[1:] + bytes(data))
+            return
+        seq = self.outgoingPacketSequence
+        pieces = self._sealer.seal_pieces(seq, head, data)
+        self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
+        self.transport.writeSequence(pieces)  # type: ignore[attr-defined]
+        self._bytesOut += sum(map(len, pieces))
+        if self._rekeyAt and self._bytesOut > self._rekeyAt:
+            self._maybeRekey()
+
     # incoming
 
+    def dataReceived(self, data: bytes) -> None:
+        """Once the version line is in, the receive buffer is a bytearray consumed from
+        the front (no ``buf + data`` copies), and CHANNEL_DATA payloads are dispatched
+        as memoryviews of the decrypted packet (no slicing copies)."""
+        if not self.gotVersion:  # type: ignore[attr-defined]
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        buf = self.buf  # type: ignore[has-type]
+        if buf.__class__ is not bytearray:
+            buf = self.buf = bytearray(memoryview(buf)[self._inPos :])
+            self._inPos = 0
+        buf += data
+        nextPacket = self._nextPacket
+        dispatch = self.dispatchMessage  # type: ignore[attr-defined]
+        while True:
+            found = nextPacket()
+            if found is None:
+                return
+            plain, first, last = found
+            msg = plain[first]
+            if msg == MSG_CHANNEL_DATA:
+                dispatch(msg, memoryview(plain)[first + 1 : last])
+            else:
+                dispatch(msg, bytes(plain[first + 1 : last]))
+
     def getPacket(self) -> bytes | None:
+        found = self._nextPacket()
+        if found is None:
+            return None
+        plain, first, last = found
+        return bytes(plain[first:last])
+
+    def _nextPacket(self) -> tuple[Any, int, int] | None:
+        """The next packet's payload as (plain, first, last), or None."""
         transport = self.transport  # type: ignore[attr-defined]
         if transport is None or getattr(transport, "disconnecting", False):
             return None
@@ -574,7 +676,7 @@ class ModernTransportMixin:
         pos = self._inPos
         seq = self.incomingPacketSequence
         try:
-            result = self._opener.open(buf, pos, seq)
+            result = self._opener.open_raw(buf, pos, seq)
         except PacketError as exc:
             self._inPos = 0
             self.buf = b""
@@ -582,23 +684,27 @@ class ModernTransportMixin:
             return None
         if result is None:
             if pos:
-                self.buf = buf[pos:]
+                if buf.__class__ is bytearray:
+                    del buf[:pos]  # cheap: CPython moves the start of a bytearray
+                else:
+                    self.buf = buf[pos:]
                 self._inPos = 0
             return None
-        payload, end = result
+        (plain, first, last), end = result
         self._bytesIn += end - pos
         self._inPos = end
         self.incomingPacketSequence = (seq + 1) & _SEQ_MASK
         if self.incomingCompression:  # type: ignore[attr-defined]
-            payload = self.incomingCompression.decompress(payload)  # type: ignore[attr-defined]
-        if self._initialKex and self.strictKex and not self._strictAllows(payload[0]):
+            plain = self.incomingCompression.decompress(bytes(plain[first:last]))  # type: ignore[attr-defined]  # noqa: E501
+            first, last = 0, len(plain)
+        if self._initialKex and self.strictKex and not self._strictAllows(plain[first]):
             self.protocolError(  # type: ignore[attr-defined]
-                f"strict KEX violation: unexpected message {payload[0]} (seq {seq})"
+                f"strict KEX violation: unexpected message {plain[first]} (seq {seq})"
             )
             return None
         if self._rekeyAt and self._bytesIn > self._rekeyAt:
             self._maybeRekey()
-        return payload
+        return plain, first, last
 
     def _strictAllows(self, messageNum: int) -> bool:
         """During a strict initial KEX only the key exchange itself may arrive, in order."""

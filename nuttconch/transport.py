@@ -213,6 +213,11 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         # Sequence numbers are uint32 and wrap (RFC 4253 6.4); Conch would overflow struct.
         self.outgoingPacketSequence &= 0xFFFFFFFF
 
+    def sendChannelData(self, remoteChannel: int, data: Any) -> None:
+        """CHANNEL_DATA sealed from pieces (see ModernTransportMixin.sendChannelData)."""
+        self.bytesOut += 8 + len(data)  # what sendPacket counts: the payload after its type
+        super().sendChannelData(remoteChannel, data)
+
     def getPacket(self) -> bytes | None:
         packet: bytes | None = super().getPacket()
         self.incomingPacketSequence &= 0xFFFFFFFF
