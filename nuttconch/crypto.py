@@ -203,6 +203,28 @@ def _payload(plain: Any, start: int, end: int) -> bytes:
     return bytes(plain[first:last])
 
 
+class _RandomPool:
+    """Padding bytes from os.urandom, fetched 4 KiB at a time instead of one
+    getrandom() system call per packet (OpenSSH likewise draws padding from a
+    buffered arc4random stream)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._pool = b""
+        self._pos = 0
+
+    def __call__(self, n: int) -> bytes:
+        pos = self._pos
+        if pos + n > len(self._pool):
+            self._pool = os.urandom(max(self._size, n))
+            pos = 0
+        self._pos = pos + n
+        return self._pool[pos : pos + n]
+
+
+_padding = _RandomPool()
+
+
 # -- sealers (outgoing) ------------------------------------------------------------------
 
 
@@ -211,7 +233,7 @@ class Sealer:
 
     spec = _NONE_CIPHER
     aad = 0
-    random = staticmethod(os.urandom)
+    random = staticmethod(_padding)
 
     def seal(self, seq: int, msg: int, payload: bytes) -> bytes:
         bs = self.spec.block_size
