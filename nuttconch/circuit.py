@@ -58,8 +58,12 @@ class CircuitEnd(channel.SSHChannel):
         peer = self.peer
         queued = len(peer.buf) if peer is not None else 0
         grantable = self.held - queued
+        # As OpenSSH does: adjust once three packets' worth (or half a small window) has
+        # moved on, not only after half the window, so a long link's sender is not left
+        # waiting on a half-empty window for a round trip.
         if grantable > 0 and (
-            grantable >= self.localWindowSize // 2 or self.localWindowLeft < self.localMaxPacket
+            grantable >= min(self.localWindowSize // 2, 3 * self.localMaxPacket)
+            or self.localWindowLeft < self.localMaxPacket
         ):
             self.held -= grantable
             self.conn.adjustWindow(self, grantable)
