@@ -103,14 +103,18 @@ class Startups:
     total: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
 
-    def admit(self, host: str) -> str | None:
-        """None to admit, else the reason to drop (and the caller must not call done)."""
+    def admit(self, host: str, *, early_drop: bool = True) -> str | None:
+        """None to admit, else the reason to drop (and the caller must not call done).
+
+        ``early_drop=False`` skips the random drop: used once room was made by evicting a
+        staller, so that the newcomer is not refused by a second roll of the dice.
+        """
         source = source_of(host)
         if self.by_source.get(source, 0) >= self.per_source:
             return "per-source startups exceeded"
         if self.total >= self.full:
             return "startups full"
-        if self.total >= self.start:
+        if early_drop and self.total >= self.start:
             # OpenSSH: drop with probability rising linearly from rate% at start to 100% at full.
             span = max(1, self.full - self.start)
             probability = self.rate + (100 - self.rate) * (self.total - self.start) / span

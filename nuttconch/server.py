@@ -26,7 +26,8 @@ from .transport import SwitchboardTransport
 log = Logger()
 # An unauthenticated connection that has not finished key exchange after this many seconds
 # may be dropped to admit a newcomer when MaxStartups is full.
-STALLER_AGE = 1.0
+STALLER_AGE = 2.0
+NO_KEXINIT_AGE = 0.5
 
 
 class SwitchboardFactory(conch_factory.SSHFactory):
@@ -115,7 +116,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 self.preauthDone(victim)
                 victim.penaltyKind = "grace-exceeded"
                 victim.transport.abortConnection()
-                reason = self.startups.admit(host)
+                reason = self.startups.admit(host, early_drop=False)
         if reason is not None:
             self._drop(host, reason)
             return None
@@ -210,9 +211,15 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         return None
 
     def _oldestStaller(self) -> SwitchboardTransport | None:
+        """The oldest unauthenticated connection that looks stalled: no KEXINIT after
+        NO_KEXINIT_AGE (real clients send it with their banner), or no finished key
+        exchange after STALLER_AGE."""
         now = self.clock.seconds()
         for transport in self.preauth:  # insertion order: oldest first
-            if not transport.firstKexDone and now - transport.startedAt >= STALLER_AGE:
+            age = now - transport.startedAt
+            if transport.firstKexDone:
+                continue
+            if age >= STALLER_AGE or (age >= NO_KEXINIT_AGE and not transport.gotKexInit):
                 return transport
         return None
 

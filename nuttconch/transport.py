@@ -96,6 +96,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     connId: int = 0
     _closeReason = "connection lost"
     firstKexDone = False
+    gotKexInit = False
     bytesIn = 0
     bytesOut = 0
     _bytesAtRekey = 0
@@ -195,15 +196,22 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             if not self._rekeyAllowed():
                 self.protocolError("too many key re-exchanges")
                 return
-        if not self.firstKexDone and not 20 <= messageNum < 50:
-            # Before the first key exchange completes only KEX messages make sense; a few
-            # IGNORE/DEBUG are tolerated, anything else (or a flood) ends the connection.
+        if not self.firstKexDone:
+            # Before the first key exchange completes only KEX messages make sense (and the
+            # method-specific ones only after KEXINIT); a few IGNORE/DEBUG are tolerated;
+            # anything else, or a flood of anything, ends the connection.
             self.preKexMessages += 1
-            if messageNum not in PREKEX_GENERIC:
-                self.protocolError(f"message {messageNum} before key exchange")
-                return
             if self.preKexMessages > MAX_PREKEX_MESSAGES:
                 self.protocolError("too many messages before key exchange")
+                return
+            if messageNum == conch_transport.MSG_KEXINIT:
+                self.gotKexInit = True
+            elif not (
+                messageNum in PREKEX_GENERIC
+                or messageNum == conch_transport.MSG_NEWKEYS
+                or (30 <= messageNum < 50 and self.gotKexInit)
+            ):
+                self.protocolError(f"message {messageNum} before key exchange")
                 return
         super().dispatchMessage(messageNum, payload)
 
