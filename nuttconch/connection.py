@@ -38,6 +38,7 @@ OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 
 _circuit_ids = itertools.count(1)
 _unpack_2L = struct.Struct(">2L").unpack_from
+_unpack_L = struct.Struct(">L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
 # Channel messages whose first field is our channel id, and whether the channel must be open.
 _CHANNEL_MESSAGES = {
@@ -198,6 +199,15 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.protocolError("window adjust overflows 2^32-1")
             return
         chan.addWindowBytes(bytesToAdd)
+
+    def channelData(self, packet: Any) -> None:
+        """CHANNEL_DATA from the transport's short path: an open channel goes straight to
+        ssh_CHANNEL_DATA; any other case through packetReceived, which refuses it."""
+        chan = self.channels.get(_unpack_L(packet, 0)[0])
+        if chan is None or chan not in self.channelsToRemoteChannel:
+            self.packetReceived(connection.MSG_CHANNEL_DATA, packet)
+            return
+        self.ssh_CHANNEL_DATA(packet)
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         """Data for circuit ends does not auto-refill the window: the splice grants it.

@@ -671,6 +671,7 @@ class ModernTransportMixin:
         buf += data
         nextPacket = self._nextPacket
         dispatch = self.dispatchMessage  # type: ignore[attr-defined]
+        channelData = self.dispatchChannelData
         while True:
             found = nextPacket()
             if found is None:
@@ -678,9 +679,13 @@ class ModernTransportMixin:
             plain, first, last = found
             msg = plain[first]
             if msg == MSG_CHANNEL_DATA:
-                dispatch(msg, memoryview(plain)[first + 1 : last])
+                channelData(memoryview(plain)[first + 1 : last])
             else:
                 dispatch(msg, bytes(plain[first + 1 : last]))
+
+    def dispatchChannelData(self, packet: memoryview) -> None:
+        """A CHANNEL_DATA payload (a memoryview); subclasses may take a shorter path."""
+        self.dispatchMessage(MSG_CHANNEL_DATA, packet)  # type: ignore[attr-defined]
 
     def getPacket(self) -> bytes | None:
         found = self._nextPacket()

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .crypto import ModernTransportMixin
+from .crypto import MSG_CHANNEL_DATA, ModernTransportMixin
 from .names import escape
 
 log = Logger()
@@ -214,6 +214,23 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
                 self.protocolError(f"message {messageNum} before key exchange")
                 return
         super().dispatchMessage(messageNum, payload)
+
+    def dispatchChannelData(self, packet: memoryview) -> None:
+        """CHANNEL_DATA straight to the connection service once the connection is past
+        its first key exchange and authenticated (the cases in which dispatchMessage
+        would pass it on unchanged); anything else takes dispatchMessage's checks."""
+        service = self.service
+        if (
+            self.firstKexDone
+            and service is not None
+            and hasattr(self, "avatar")
+            and not getattr(self.transport, "disconnecting", False)
+        ):
+            fast = getattr(service, "channelData", None)
+            if fast is not None:
+                fast(packet)
+                return
+        self.dispatchMessage(MSG_CHANNEL_DATA, packet)
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         self.bytesOut += len(payload)
