@@ -67,9 +67,9 @@ class Pipe:
         if queue:
             self.timer = self.loop.call_at(queue[0][0], self._due)
         elif self.eof and self.dst is not None and not self.dst.is_closing():
-            if self.dst.can_write_eof():
+            try:
                 self.dst.write_eof()
-            else:
+            except OSError:  # the other side is already gone
                 self.dst.close()
         self._check()
 
