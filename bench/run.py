@@ -1324,7 +1324,13 @@ def main(argv: list[str] | None = None) -> int:
             *[f"- {msg}" for msg in bench.notes + bench.skipped],
             "",
         ]
-        Path(a.results).write_text("\n".join(text))
+        # Sections other tools append (``## ...``, e.g. bench/threat_figures.py) are kept.
+        results = Path(a.results)
+        previous = results.read_text() if results.exists() else ""
+        kept = re.search(r"^## ", previous, re.M)
+        if kept:
+            text += ["", previous[kept.start() :].rstrip("\n"), ""]
+        results.write_text("\n".join(text))
         print(f"\nwrote {a.results}")
     shutil.rmtree(bench.tmp, ignore_errors=True)
     return 0
