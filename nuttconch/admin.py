@@ -322,7 +322,7 @@ def _rewrite(avatar: Any, edit: _Edit) -> None:
 def _find_blob(factory: Any, fp: str) -> bytes | None:
     """A connected key's blob, for keys not (yet) in the file."""
     for other in _connected(factory, fp):
-        return other.identity.key_blob  # type: ignore[no-any-return]
+        return other.identity.key_blob
     return None
 
 

@@ -229,7 +229,7 @@ class _PortalProxy:
         self._info = info
 
     def listCredentialsInterfaces(self) -> list[Any]:
-        return self._portal.listCredentialsInterfaces()  # type: ignore[no-any-return]
+        return self._portal.listCredentialsInterfaces()
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
         credentials.connection = self._info

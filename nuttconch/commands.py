@@ -146,7 +146,7 @@ def _admin(name: str) -> Callable[[Any, list[str]], Result]:
     """Late-bound, so that admin (which imports this module) may be imported first."""
 
     def run_it(avatar: Any, args: list[str]) -> Result:
-        return getattr(admin, name)(avatar, args)  # type: ignore[no-any-return]
+        return getattr(admin, name)(avatar, args)
 
     return run_it
 

@@ -67,7 +67,7 @@ class OpenRefused(Exception):
 class SwitchboardConnection(connection.SSHConnection):
     """One authenticated SSH connection, as client, initiator, or both."""
 
-    transport: SwitchboardTransport  # type: ignore[assignment]
+    transport: SwitchboardTransport
 
     def __init__(self) -> None:
         super().__init__()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -561,12 +561,26 @@ def _mac_for(cipher: bytes | None, client: list[bytes], server: list[bytes]) -> 
 # -- the transport mixin -----------------------------------------------------------------
 
 
-class ModernTransportMixin:
+if TYPE_CHECKING:
+    _TransportBase = conch_transport.SSHServerTransport
+else:
+    _TransportBase = object
+
+
+class ModernTransportMixin(_TransportBase):
     """Strict KEX, modern packet modes and rekeying for a Conch SSHServerTransport.
 
     Place it before ``SSHServerTransport`` in the bases.  The subclass must
     provide ``protocolError(what)`` (log + DISCONNECT protocol error).
     """
+
+    if TYPE_CHECKING:
+        # Conch types these narrowly (ITransport | None, bytes, SSHCiphers); this layer
+        # replaces them with a bytearray buffer and its own PacketCrypto objects.
+        transport: Any
+        buf: Any
+        nextEncryptions: Any
+        currentEncryptions: Any
 
     # Set per connection by the factory; class defaults for tests.
     supportedCiphers: list[bytes] = list(DEFAULT_CIPHERS)
@@ -590,23 +604,23 @@ class ModernTransportMixin:
 
     def sendKexInit(self) -> None:
         """KEXINIT; the initial one also offers ext-info-s and kex-strict-s (PROTOCOL 1.10)."""
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:  # type: ignore[attr-defined]
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             raise RuntimeError(
                 f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}"
-            )  # type: ignore[attr-defined]  # noqa: E501
-        kex = list(self.supportedKeyExchanges)  # type: ignore[attr-defined]
-        if self.sessionID is None:  # type: ignore[attr-defined]
+            )  # noqa: E501
+        kex = list(self.supportedKeyExchanges)
+        if self.sessionID is None:
             kex += [EXT_INFO_S, KEX_STRICT_S]
         ciphers = b",".join(self.supportedCiphers)
         macs = b",".join(self.supportedMACs)
-        comps = b",".join(self.supportedCompressions)  # type: ignore[attr-defined]
-        langs = b",".join(self.supportedLanguages)  # type: ignore[attr-defined]
+        comps = b",".join(self.supportedCompressions)
+        langs = b",".join(self.supportedLanguages)
         self.ourKexInitPayload = b"".join(
             [
                 bytes((MSG_KEXINIT,)),
                 os.urandom(16),
                 NS(b",".join(kex)),
-                NS(b",".join(self.supportedPublicKeys)),  # type: ignore[attr-defined]
+                NS(b",".join(self.supportedPublicKeys)),
                 NS(ciphers),
                 NS(ciphers),
                 NS(macs),
@@ -619,22 +633,22 @@ class ModernTransportMixin:
             ]
         )
         self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
-        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED  # type: ignore[attr-defined]
+        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
         self._blockedByKeyExchange = []
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:  # type: ignore[attr-defined]
-            if not self._allowedKeyExchangeMessageType(messageType):  # type: ignore[attr-defined]
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            if not self._allowedKeyExchangeMessageType(messageType):
                 self._blockedByKeyExchange.append((messageType, payload))
                 return
-        if self.outgoingCompression:  # type: ignore[attr-defined]
-            packet = self.outgoingCompression.compress(bytes((messageType,)) + payload)  # type: ignore[attr-defined]  # noqa: E501
-            packet += self.outgoingCompression.flush(2)  # type: ignore[attr-defined]
+        if self.outgoingCompression:
+            packet = self.outgoingCompression.compress(bytes((messageType,)) + payload)  # noqa: E501
+            packet += self.outgoingCompression.flush(2)
             messageType, payload = packet[0], packet[1:]
         seq = self.outgoingPacketSequence
         data = self._sealer.seal(seq, messageType, payload)
         self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
-        self.transport.write(data)  # type: ignore[attr-defined]
+        self.transport.write(data)
         self._bytesOut += len(data)
         if self._rekeyAt and self._bytesOut > self._rekeyAt:
             self._maybeRekey()
@@ -644,13 +658,13 @@ class ModernTransportMixin:
         the packet is sealed from pieces and handed to ``writeSequence``.  During a key
         exchange (or with compression) it takes ``sendPacket``'s ordinary path."""
         head = _pack_data_head(MSG_CHANNEL_DATA, remoteChannel, len(data))
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.outgoingCompression:  # type: ignore[attr-defined]  # noqa: E501
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.outgoingCompression:  # noqa: E501
             ModernTransportMixin.sendPacket(self, MSG_CHANNEL_DATA, head[1:] + bytes(data))
             return
         seq = self.outgoingPacketSequence
         pieces = self._sealer.seal_pieces(seq, head, data)
         self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
-        self.transport.writeSequence(pieces)  # type: ignore[attr-defined]
+        self.transport.writeSequence(pieces)
         self._bytesOut += sum(map(len, pieces))
         if self._rekeyAt and self._bytesOut > self._rekeyAt:
             self._maybeRekey()
@@ -661,16 +675,16 @@ class ModernTransportMixin:
         """Once the version line is in, the receive buffer is a bytearray consumed from
         the front (no ``buf + data`` copies), and CHANNEL_DATA payloads are dispatched
         as memoryviews of the decrypted packet (no slicing copies)."""
-        if not self.gotVersion:  # type: ignore[attr-defined]
-            super().dataReceived(data)  # type: ignore[misc]
+        if not self.gotVersion:
+            super().dataReceived(data)
             return
-        buf = self.buf  # type: ignore[has-type]
+        buf = self.buf
         if buf.__class__ is not bytearray:
             buf = self.buf = bytearray(memoryview(buf)[self._inPos :])
             self._inPos = 0
         buf += data
         nextPacket = self._nextPacket
-        dispatch = self.dispatchMessage  # type: ignore[attr-defined]
+        dispatch = self.dispatchMessage
         channelData = self.dispatchChannelData
         while True:
             found = nextPacket()
@@ -685,7 +699,7 @@ class ModernTransportMixin:
 
     def dispatchChannelData(self, packet: memoryview) -> None:
         """A CHANNEL_DATA payload (a memoryview); subclasses may take a shorter path."""
-        self.dispatchMessage(MSG_CHANNEL_DATA, packet)  # type: ignore[attr-defined]
+        self.dispatchMessage(MSG_CHANNEL_DATA, packet)
 
     def getPacket(self) -> bytes | None:
         found = self._nextPacket()
@@ -696,10 +710,10 @@ class ModernTransportMixin:
 
     def _nextPacket(self) -> tuple[Any, int, int] | None:
         """The next packet's payload as (plain, first, last), or None."""
-        transport = self.transport  # type: ignore[attr-defined]
+        transport = self.transport
         if transport is None or getattr(transport, "disconnecting", False):
             return None
-        buf = self.buf  # type: ignore[has-type]
+        buf = self.buf
         pos = self._inPos
         seq = self.incomingPacketSequence
         try:
@@ -707,7 +721,7 @@ class ModernTransportMixin:
         except PacketError as exc:
             self._inPos = 0
             self.buf = b""
-            self.sendDisconnect(exc.code, exc.message.encode("ascii"))  # type: ignore[attr-defined]
+            self.sendDisconnect(exc.code, exc.message.encode("ascii"))
             return None
         if result is None:
             if pos:
@@ -721,8 +735,8 @@ class ModernTransportMixin:
         self._bytesIn += end - pos
         self._inPos = end
         self.incomingPacketSequence = (seq + 1) & _SEQ_MASK
-        if self.incomingCompression:  # type: ignore[attr-defined]
-            plain = self.incomingCompression.decompress(bytes(plain[first:last]))  # type: ignore[attr-defined]  # noqa: E501
+        if self.incomingCompression:
+            plain = self.incomingCompression.decompress(bytes(plain[first:last]))  # noqa: E501
             first, last = 0, len(plain)
         if self._initialKex and self.strictKex and not self._strictAllows(plain[first]):
             self.protocolError(  # type: ignore[attr-defined]
@@ -755,24 +769,24 @@ class ModernTransportMixin:
         kexAlgs, keyAlgs, encCS, encSC, macCS, macSC, compCS, compSC, _, _ = (
             s.split(b",") for s in strings
         )
-        if self._initialKex and self.sessionID is None:  # type: ignore[attr-defined]
+        if self._initialKex and self.sessionID is None:
             self.strictKex = KEX_STRICT_C in kexAlgs
             if self.strictKex and self.incomingPacketSequence != 1:
                 self.protocolError("strict KEX violation: KEXINIT was not the first packet")  # type: ignore[attr-defined]  # noqa: E501
                 return
         self._kexInitReceived = True
         self.otherKexInitPayload = bytes((MSG_KEXINIT,)) + packet
-        kexAlg = negotiate(kexAlgs, self.supportedKeyExchanges)  # type: ignore[attr-defined]
-        keyAlg = negotiate(keyAlgs, self.supportedPublicKeys)  # type: ignore[attr-defined]
+        kexAlg = negotiate(kexAlgs, self.supportedKeyExchanges)
+        keyAlg = negotiate(keyAlgs, self.supportedPublicKeys)
         cipIn = negotiate(encCS, self.supportedCiphers)
         cipOut = negotiate(encSC, self.supportedCiphers)
         macIn = _mac_for(cipIn, macCS, self.supportedMACs)
         macOut = _mac_for(cipOut, macSC, self.supportedMACs)
-        compIn = negotiate(compCS, self.supportedCompressions)  # type: ignore[attr-defined]
-        compOut = negotiate(compSC, self.supportedCompressions)  # type: ignore[attr-defined]
+        compIn = negotiate(compCS, self.supportedCompressions)
+        compOut = negotiate(compSC, self.supportedCompressions)
         chosen = (kexAlg, keyAlg, cipIn, cipOut, macIn, macOut, compIn, compOut)
         if None in chosen or kexAlg in PSEUDO_KEX:
-            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # type: ignore[attr-defined]  # noqa: E501
+            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # noqa: E501
             return
         self.kexAlg = kexAlg
         self.keyAlg = keyAlg
@@ -780,25 +794,24 @@ class ModernTransportMixin:
         self.outgoingCompressionType = compOut
         self.incomingCompressionType = compIn
         self._peerSupportsExtensions = EXT_INFO_C in kexAlgs
-        if self._keyExchangeState == self._KEY_EXCHANGE_REQUESTED:  # type: ignore[attr-defined]
-            self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING  # type: ignore[attr-defined]
+        if self._keyExchangeState == self._KEY_EXCHANGE_REQUESTED:
+            self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING
         else:
             self.sendKexInit()
         if rest[:1] != b"\0" and (
-            kexAlgs[0] != self.supportedKeyExchanges[0]  # type: ignore[attr-defined]
-            or keyAlgs[0] != self.supportedPublicKeys[0]  # type: ignore[attr-defined]
+            kexAlgs[0] != self.supportedKeyExchanges[0] or keyAlgs[0] != self.supportedPublicKeys[0]
         ):
             self.ignoreNextPacket = True  # the client's guessed KEX packet was wrong
 
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
         """Derive keys (RFC 4253 7.2), send NEWKEYS and switch the outgoing direction."""
-        firstKey = self.sessionID is None  # type: ignore[has-type]
+        firstKey = self.sessionID is None
         if firstKey:
             self.sessionID = exchangeHash
         k = {
             c: self._getKey(c, sharedSecret, exchangeHash)
             for c in (b"A", b"B", b"C", b"D", b"E", b"F")
-        }  # type: ignore[attr-defined]  # noqa: E501
+        }  # noqa: E501
         nxt = self.nextEncryptions
         nxt.setKeys(k[b"B"], k[b"D"], k[b"A"], k[b"C"], k[b"F"], k[b"E"])
         self.sendPacket(MSG_NEWKEYS, b"")
@@ -808,11 +821,11 @@ class ModernTransportMixin:
             self.outgoingPacketSequence = 0
         self._bytesOut = 0
         if firstKey:
-            self.sendExtInfo([(b"server-sig-algs", b",".join(self.supportedPublicKeys))])  # type: ignore[attr-defined]  # noqa: E501
+            self.sendExtInfo([(b"server-sig-algs", b",".join(self.supportedPublicKeys))])  # noqa: E501
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
         if packet != b"":
-            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS takes no data")  # type: ignore[attr-defined]  # noqa: E501
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS takes no data")  # noqa: E501
             return
         if not self._newKeysSent:
             self.protocolError("NEWKEYS before key exchange")  # type: ignore[attr-defined]
@@ -829,14 +842,14 @@ class ModernTransportMixin:
             CIPHERS[self.nextEncryptions.outCipType].rekey_bytes,
         )
         self._rekeyAt = limit
-        self._newKeys()  # type: ignore[attr-defined]
+        self._newKeys()
 
     def _maybeRekey(self) -> None:
         """Start a server-side rekey once the volume limit is passed (OpenSSH RekeyLimit)."""
         if (
-            self._keyExchangeState == self._KEY_EXCHANGE_NONE  # type: ignore[attr-defined]
+            self._keyExchangeState == self._KEY_EXCHANGE_NONE
             and not self._initialKex
-            and not getattr(self.transport, "disconnecting", False)  # type: ignore[attr-defined]
+            and not getattr(self.transport, "disconnecting", False)
         ):
             self._bytesIn = self._bytesOut = 0
             self.sendKexInit()

@@ -87,7 +87,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     supportedCompressions = [b"none"]
     ourVersionString = b"SSH-2.0-nuttconch_0.1"
 
-    clock: IReactorTime = default_reactor  # type: ignore[assignment]
+    clock: IReactorTime = default_reactor
     factory: Any
     transport: Any
     loginGraceTime: float = 30.0
@@ -230,7 +230,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             if fast is not None:
                 fast(packet)
                 return
-        self.dispatchMessage(MSG_CHANNEL_DATA, packet)
+        self.dispatchMessage(MSG_CHANNEL_DATA, packet)  # type: ignore[arg-type]
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         self.bytesOut += len(payload)

@@ -201,7 +201,7 @@ class MetricsPage(_Leaf):
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
         _common_headers(request, content_type.encode("ascii"))
-        return encoder(self.metrics.registry)  # type: ignore[no-any-return]
+        return encoder(self.metrics.registry)
 
 
 class JSONPage(_Leaf):
