@@ -19,7 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .crypto import MSG_CHANNEL_DATA, ModernTransportMixin
+from .crypto import (
+    DEFAULT_CIPHERS,
+    DEFAULT_MACS,
+    MSG_CHANNEL_DATA,
+    ModernTransportMixin,
+    available_kex,
+)
 from .names import escape
 
 log = Logger()
@@ -36,29 +42,6 @@ USER_SIG_ALGS = (
     b"rsa-sha2-256",
 )
 
-DEFAULT_KEX = (
-    b"mlkem768x25519-sha256",
-    b"curve25519-sha256",
-    b"curve25519-sha256@libssh.org",
-    b"ecdh-sha2-nistp256",
-    b"ecdh-sha2-nistp384",
-    b"ecdh-sha2-nistp521",
-)
-DEFAULT_CIPHERS = (
-    b"chacha20-poly1305@openssh.com",
-    b"aes128-ctr",
-    b"aes192-ctr",
-    b"aes256-ctr",
-    b"aes128-gcm@openssh.com",
-    b"aes256-gcm@openssh.com",
-)
-DEFAULT_MACS = (
-    b"hmac-sha2-256-etm@openssh.com",
-    b"hmac-sha2-512-etm@openssh.com",
-    b"hmac-sha2-256",
-    b"hmac-sha2-512",
-)
-
 # DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG: allowed (boundedly) before the first NEWKEYS.
 PREKEX_GENERIC = frozenset({1, 2, 3, 4})
 MAX_PREKEX_MESSAGES = 100
@@ -71,19 +54,12 @@ REKEY_PER_SECOND = 1.0
 _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
 
 
-def _available_kex() -> list[bytes]:
-    from twisted.conch.ssh import _kex
-
-    supported = set(_kex.getSupportedKeyExchanges())
-    return [k for k in DEFAULT_KEX if k in supported]
-
-
 class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransport):
     """Server transport with nuttconch's algorithm policy and deadlines."""
 
     supportedCiphers = list(DEFAULT_CIPHERS)
     supportedMACs = list(DEFAULT_MACS)
-    supportedKeyExchanges = _available_kex()
+    supportedKeyExchanges = list(available_kex())
     supportedCompressions = [b"none"]
     ourVersionString = b"SSH-2.0-nuttconch_0.1"
 

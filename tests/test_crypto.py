@@ -401,8 +401,9 @@ class FramingTests(unittest.TestCase):
         """transport.py's defaults, crypto.py's and the nuttssh.ini defaults are one list."""
         from nuttconch import transport
 
-        self.assertEqual(transport.DEFAULT_CIPHERS, crypto.DEFAULT_CIPHERS)
-        self.assertEqual(transport.DEFAULT_MACS, crypto.DEFAULT_MACS)
+        offered = transport.SwitchboardTransport
+        self.assertEqual(tuple(offered.supportedCiphers), crypto.DEFAULT_CIPHERS)
+        self.assertEqual(tuple(offered.supportedMACs), crypto.DEFAULT_MACS)
         settings = {s.key: s for s in config.SCHEMA}
         self.assertEqual(
             settings["ciphers"].parse(settings["ciphers"].default), crypto.DEFAULT_CIPHERS
@@ -410,7 +411,7 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(settings["macs"].parse(settings["macs"].default), crypto.DEFAULT_MACS)
         self.assertEqual(
             settings["kex_algorithms"].parse(settings["kex_algorithms"].default),
-            tuple(transport._available_kex()),
+            tuple(offered.supportedKeyExchanges),
         )
 
 
