@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import authkeys
+from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
 
 log = Logger()
@@ -238,6 +239,8 @@ class _PortalProxy:
 
 class SwitchboardUserAuth(userauth.SSHUserAuthServer):
     """Public key only, bounded attempts, one login at a time, and readable refusals."""
+
+    _log = conch_logger("nuttconch.auth.SwitchboardUserAuth")
 
     transport: Any
 

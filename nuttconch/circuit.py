@@ -19,11 +19,15 @@ from twisted.conch.ssh import channel
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .logs import conch_logger
+
 log = Logger()
 
 
 class CircuitEnd(channel.SSHChannel):
     """One side of a circuit; ``peer`` is the other side once both are open."""
+
+    _log = conch_logger("nuttconch.circuit.CircuitEnd")
 
     manualWindow = True
     conn: Any

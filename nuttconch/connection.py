@@ -22,6 +22,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from .circuit import Circuit, ClientEnd, InitiatorEnd
+from .logs import conch_logger
 from .names import escape
 from .registry import NotFound
 
@@ -66,6 +67,8 @@ class OpenRefused(Exception):
 
 class SwitchboardConnection(connection.SSHConnection):
     """One authenticated SSH connection, as client, initiator, or both."""
+
+    _log = conch_logger("nuttconch.connection.SwitchboardConnection")
 
     transport: SwitchboardTransport
 

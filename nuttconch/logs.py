@@ -17,6 +17,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEventAsClassicLogText,
@@ -37,6 +38,33 @@ QUIET_NAMESPACES = (
     "nuttconch.circuit.InitiatorEnd",
     "nuttconch.session.SwitchboardSession",
 )
+
+
+class ConchLogger(Logger):
+    """Stands in for Conch's class-level ``_log`` on nuttconch's subclasses.
+
+    Conch records every window adjust, EOF and channel close at debug or info; even when a
+    filter discards them, building each event costs time on the packet path (a window
+    adjust every few packets). Below ``warn`` they are dropped here unless the configured
+    level is ``debug``; warnings, errors and failures pass as usual.
+    """
+
+    verbose = False
+    _quiet = frozenset({LogLevel.debug, LogLevel.info})
+
+    def __get__(self, instance: object, owner: type | None = None) -> Logger:
+        if not ConchLogger.verbose:
+            return self
+        return super().__get__(instance, owner)
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if level in self._quiet and not ConchLogger.verbose:
+            return
+        super().emit(level, format, **kwargs)
+
+
+def conch_logger(owner: str) -> ConchLogger:
+    return ConchLogger(namespace=owner)
 
 
 def _cached_format_time() -> Callable[[float | None], str]:
@@ -72,6 +100,7 @@ def text_observer(stream: IO[str]) -> FileLogObserver:
 
 def make_observer(level: str = "info", fmt: str = "text", out: IO[str] | None = None) -> Any:
     """An observer for twistd: text or JSON on ``out`` (stdout), filtered by level."""
+    ConchLogger.verbose = level == "debug"
     stream = out or sys.stdout
     base: ILogObserver = jsonFileLogObserver(stream) if fmt == "json" else text_observer(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])

@@ -21,6 +21,7 @@ from . import authkeys
 from .auth import SwitchboardUserAuth
 from .connection import SwitchboardConnection
 from .limits import Penalties, Startups
+from .logs import conch_logger
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -32,6 +33,8 @@ NO_KEXINIT_AGE = 0.5
 
 class SwitchboardFactory(conch_factory.SSHFactory):
     """Builds one SwitchboardTransport per TCP connection."""
+
+    _log = conch_logger("nuttconch.server.SwitchboardFactory")
 
     protocol = SwitchboardTransport
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import commands
+from .logs import conch_logger
 from .names import escape
 
 log = Logger()
@@ -30,6 +31,8 @@ MAX_LINE = 1024
 
 class SwitchboardSession(conch_session.SSHSession):
     """A session channel whose early input is bounded."""
+
+    _log = conch_logger("nuttconch.session.SwitchboardSession")
 
     def request_pty_req(self, data: bytes) -> int:
         """Refuse ptys quietly when allow_pty is off (Conch would log a traceback)."""

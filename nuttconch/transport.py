@@ -26,6 +26,7 @@ from .crypto import (
     ModernTransportMixin,
     available_kex,
 )
+from .logs import conch_logger
 from .names import escape
 
 log = Logger()
@@ -56,6 +57,8 @@ _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError
 
 class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransport):
     """Server transport with nuttconch's algorithm policy and deadlines."""
+
+    _log = conch_logger("nuttconch.transport.SwitchboardTransport")
 
     supportedCiphers = list(DEFAULT_CIPHERS)
     supportedMACs = list(DEFAULT_MACS)
