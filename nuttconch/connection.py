@@ -118,13 +118,20 @@ class SwitchboardConnection(connection.SSHConnection):
     # IPushProducer, registered on our own TCP transport: only its congestion is used.
 
     congested = False
+    _flushTurn = 0
 
     def pauseProducing(self) -> None:
         self.congested = True
 
     def resumeProducing(self) -> None:
+        """The socket drained: let queued circuit ends send, starting after the one that
+        went first last time, so that under sustained congestion none is starved."""
         self.congested = False
-        for chan in list(self.channels.values()):
+        chans = list(self.channels.values())
+        if not chans:
+            return
+        self._flushTurn = start = (self._flushTurn + 1) % len(chans)
+        for chan in chans[start:] + chans[:start]:
             flush = getattr(chan, "flush", None)
             if flush is not None:
                 flush()

@@ -81,3 +81,29 @@ def _sleep(seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+class CongestionFairnessTests(unittest.TestCase):
+    """When the socket drains, queued circuit ends take turns going first."""
+
+    def test_resume_rotates_which_channel_flushes_first(self) -> None:
+        """Under sustained congestion every circuit end gets to send, none is starved."""
+        from nuttconch.connection import SwitchboardConnection
+
+        conn = SwitchboardConnection()
+        order: list[int] = []
+
+        class End:
+            def __init__(self, n: int) -> None:
+                self.n = n
+
+            def flush(self) -> None:
+                order.append(self.n)
+                conn.congested = True  # each flush fills the socket again
+
+        conn.channels = {n: End(n) for n in range(3)}
+        for _ in range(6):
+            conn.pauseProducing()
+            conn.resumeProducing()
+        self.assertEqual(sorted(order), [0, 0, 1, 1, 2, 2])
+        self.assertEqual(len(set(order[:3])), 3)
