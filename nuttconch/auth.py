@@ -12,8 +12,6 @@ user nothing.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,15 +71,11 @@ class ConnectionInfo:
 
     peer: str
     conn_id: int = 0
-    messages: list[str] = field(default_factory=list)
     # The key of the latest attempt, for refusal logs and events.
     fingerprint: str = ""
 
 
-def fingerprint(blob: bytes) -> str:
-    """OpenSSH's ``SHA256:...`` form, as ``ssh-keygen -l`` prints it."""
-    digest = hashlib.sha256(blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+fingerprint = authkeys.fingerprint_of
 
 
 @implementer(ICredentialsChecker)
@@ -348,7 +342,6 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             # The connection ended while the checker ran (e.g. a slow first-use write).
             logout()
             return
-        self.transport.factory.authSucceeded(self.info.peer)
         log.info(
             "conn {conn_id} from {peer}: authenticated {hostname} key {fingerprint}"
             " access {access}{new}",

@@ -205,8 +205,13 @@ class AuthorizedKey:
     @property
     def fingerprint(self) -> str:
         """The key's fingerprint as ``ssh-keygen -l`` prints it."""
-        digest = hashlib.sha256(self.blob).digest()
-        return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+        return fingerprint_of(self.blob)
+
+
+def fingerprint_of(blob: bytes) -> str:
+    """OpenSSH's ``SHA256:`` + unpadded base64 form of a key blob's fingerprint."""
+    digest = hashlib.sha256(blob).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 # ---------------------------------------------------------------------------

@@ -255,7 +255,7 @@ class Circuit:
             client=self.client_peer,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
-            duration=time.monotonic() - self.started,
+            duration=self.duration,
         )
         for callback in self.onClose:
             callback(self)

@@ -281,9 +281,6 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def authFailed(self, peer: str, reason: str, fingerprint: str = "") -> None:
         self.emit("auth.fail", peer=peer, reason=reason, fingerprint=fingerprint)
 
-    def authSucceeded(self, peer: str) -> None:
-        pass
-
     def loggedIn(self, avatar: Any) -> None:
         self.avatars.add(avatar)
         identity = avatar.identity
