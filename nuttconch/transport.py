@@ -52,6 +52,11 @@ REKEY_FREE_AFTER = 16 * 1024
 REKEY_BURST = 20.0
 REKEY_PER_SECOND = 1.0
 
+# The one key-exchange method message a client sends with the methods we offer (ECDH,
+# curve25519, ML-KEM hybrid): KEXDH_INIT / KEX_ECDH_INIT / KEX_HYBRID_INIT all share 30.
+MSG_KEX_INIT = 30
+GROUP_EXCHANGE_MESSAGES = frozenset({32, 33, 34})
+
 _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
 
 
@@ -163,6 +168,17 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             super().dataReceived(data)
         except _MALFORMED as exc:
             self.protocolError(f"malformed message ({type(exc).__name__})")
+        except Exception as exc:
+            # Conch's handlers assert and dereference state a hostile peer controls (GEX
+            # messages out of turn raised AssertionError/AttributeError); whatever the
+            # cause, the peer's connection ends cleanly and the reason is logged once.
+            self.protocolError(f"message could not be handled ({type(exc).__name__})")
+            if self._closeReason.startswith("disconnected by server (message could not"):
+                # The operator's one line says what failed; the peer is told only the type.
+                self._closeReason = (
+                    f"disconnected by server (message could not be handled:"
+                    f" {type(exc).__name__}: {escape(str(exc)[:200])})"
+                )
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if getattr(self.transport, "disconnecting", False):
@@ -171,6 +187,9 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             # Connection-protocol messages (channels, global requests) before login.
             self.protocolError(f"message {messageNum} before authentication")
             return
+        if 30 <= messageNum <= 49:
+            if not self._kexMessageAllowed(messageNum):
+                return
         if messageNum == conch_transport.MSG_KEXINIT and self.firstKexDone:
             if not self._rekeyAllowed():
                 self.protocolError("too many key re-exchanges")
@@ -188,11 +207,26 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             elif not (
                 messageNum in PREKEX_GENERIC
                 or messageNum == conch_transport.MSG_NEWKEYS
-                or (30 <= messageNum < 50 and self.gotKexInit)
+                or 30 <= messageNum < 50  # checked above
             ):
                 self.protocolError(f"message {messageNum} before key exchange")
                 return
         super().dispatchMessage(messageNum, payload)
+
+    def _kexMessageAllowed(self, messageNum: int) -> bool:
+        """A key-exchange method message is valid only inside an exchange the peer has
+        started and we have not yet answered, and only as the message our methods use:
+        otherwise each one would cost a key derivation and a host-key signature."""
+        if not self._kexInitReceived or self._newKeysSent:
+            self.protocolError(f"key exchange message {messageNum} outside a key exchange")
+            return False
+        if messageNum in GROUP_EXCHANGE_MESSAGES:
+            self.protocolError(f"key exchange message {messageNum}: group exchange not offered")
+            return False
+        if messageNum != MSG_KEX_INIT:
+            self.protocolError(f"unexpected key exchange message {messageNum}")
+            return False
+        return True
 
     def dispatchChannelData(self, packet: memoryview) -> None:
         """CHANNEL_DATA straight to the connection service once the connection is past

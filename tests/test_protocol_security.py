@@ -1,0 +1,178 @@
+"""Issue 14, transport points 1, 3, 4 and 8: each attack performed against a live server.
+
+The hostile side is a raw socket (``rawssh.connect_raw``) or Conch's client
+driven to a stage and then fed crafted packets (``rawssh.connect_client``),
+its own message handling replaced by a recorder where the server's answers
+would otherwise confuse it.  Each test asserts on what the attacker and the
+operator see: the DISCONNECT code, whether the connection survives, what
+the server holds in memory, and the log text.  With ``NUTTCONCH_FIGURES=1``
+the tests print the figures quoted in the security notes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import sys
+from typing import Any
+
+from twisted.conch.ssh import common
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial import unittest
+
+from nuttconch.transport import SwitchboardTransport
+
+from . import rawssh
+from .rawssh import NS, packet
+from .test_threats import DISCONNECT_PROTOCOL_ERROR, ThreatMixin
+
+MSG_IGNORE = 2
+MSG_SERVICE_REQUEST = 5
+MSG_KEXINIT = 20
+MSG_KEX_ECDH_INIT = 30
+MSG_KEX_DH_GEX_INIT = 32
+MSG_KEX_DH_GEX_REQUEST = 34
+MSG_USERAUTH_REQUEST = 50
+MSG_GLOBAL_REQUEST = 80
+MSG_REQUEST_SUCCESS = 81
+
+
+def figure(text: str) -> None:
+    """Print a measured figure for the security notes when asked to."""
+    if os.environ.get("NUTTCONCH_FIGURES"):
+        sys.stdout.write(f"\nFIGURE {text}\n")
+
+
+def deaf(client: rawssh.ClientTransport) -> list[int]:
+    """Stop the Conch client from acting on what the server sends: it only notes the
+    message numbers (and a DISCONNECT), so a hostile script can keep the upper hand."""
+    seen: list[int] = []
+
+    def record(num: int, payload: bytes) -> None:
+        seen.append(num)
+        if num == rawssh.MSG_DISCONNECT:
+            code = struct.unpack(">L", payload[:4])[0]
+            client.disconnect = (code, common.getNS(payload[4:])[0])
+
+    client.dispatchMessage = record  # type: ignore[method-assign]
+    return seen
+
+
+def queued(server: Any) -> int:
+    """Payload bytes the server holds back because a key exchange is in progress."""
+    return sum(len(p) for _, p in server._blockedByKeyExchange or ())
+
+
+class _Stream(protocol.Protocol):
+    """Behind an initiator: streams zeros as fast as the circuit takes them, and does not
+    mind being cut off (the tests end while it is still sending)."""
+
+    def connectionMade(self) -> None:
+        from twisted.protocols.basic import FileSender
+
+        data = io.BytesIO(bytes(self.factory.size))  # type: ignore[attr-defined]
+        d = FileSender().beginFileTransfer(data, self.transport)
+        d.addCallbacks(lambda _: self.transport.loseConnection(), lambda _: None)
+
+
+def listen_stream(testcase: Any, size: int) -> int:
+    factory = protocol.Factory.forProtocol(_Stream)
+    factory.size = size  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    return int(port.getHost().port)
+
+
+def rss_kib() -> int:
+    """This process's resident set (the server runs in it), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class KeyExchangeMessageTests(ThreatMixin, unittest.TestCase):
+    """Point 1: key-exchange messages only inside a key exchange, and no tracebacks."""
+
+    @defer.inlineCallbacks
+    def test_repeated_ecdh_init_after_kex_is_refused(self) -> Any:
+        """A client that has finished the key exchange and sends ECDH_INIT again (without
+        logging in) is disconnected with a protocol error; no key setup is redone."""
+        c = yield self.client(stage="kex")
+        server = self.serverTransport(c)
+        setups: list[int] = []
+        original = server._keySetup
+
+        def counting(sharedSecret: bytes, exchangeHash: bytes) -> None:
+            setups.append(1)
+            original(sharedSecret, exchangeHash)
+
+        server._keySetup = counting
+        deaf(c)
+        for _ in range(200):
+            c.sendPacket(MSG_KEX_ECDH_INIT, NS(os.urandom(32)))
+        try:
+            yield c.waitLost(5)
+        except defer.TimeoutError:
+            pass
+        figure(f"point1 key setups redone for 200 stray ECDH_INIT: {len(setups)}")
+        self.assertEqual(setups, [])
+        self.assertTrue(c.isLost, "connection still open after 200 stray ECDH_INIT")
+        self.assertEqual(c.disconnect and c.disconnect[0], DISCONNECT_PROTOCOL_ERROR)
+        self.assertIn(b"key exchange message 30 outside a key exchange", c.disconnect[1])
+        yield self.assertServing()
+
+    @defer.inlineCallbacks
+    def test_group_exchange_messages_refused_without_traceback(self) -> Any:
+        """KEX_DH_GEX_INIT (32) or KEX_DH_GEX_REQUEST (34) right after KEXINIT gets
+        DISCONNECT protocol error and one log line, never a traceback."""
+        cases = {
+            "gex request": packet(bytes([MSG_KEX_DH_GEX_REQUEST]) + struct.pack(">3L", 1, 2, 3)),
+            "gex init": packet(bytes([MSG_KEX_DH_GEX_INIT]) + common.MP(12345)),
+            "31 from a client": packet(bytes([31]) + NS(b"x")),
+            "49": packet(bytes([49])),
+        }
+        before = max([t.connId for t in self.factory.transports] or [0])
+        results = {}
+        for name, data in cases.items():
+            r = yield self.raw(rawssh.SSH_VERSION + packet(rawssh.kexinit()) + data)
+            try:
+                yield r.waitClosed(3)
+            except defer.TimeoutError:
+                results[name] = "still open"
+                continue
+            results[name] = rawssh.disconnect_code(r.messages())
+        self.assertEqual(results, {name: DISCONNECT_PROTOCOL_ERROR for name in cases})
+        text = self.logs.out.getvalue()
+        self.assertNotIn("Traceback", text)
+        self.assertNotIn("Unhandled", text)
+        self.assertAtMostOneLinePerConnection(since=before)
+        yield self.assertServing()
+
+    @defer.inlineCallbacks
+    def test_exception_from_peer_input_is_contained(self) -> Any:
+        """Any exception raised while handling a peer's message ends that connection with
+        a DISCONNECT and one log line; nothing escapes as an unhandled traceback."""
+
+        def boom(self: Any, packet: bytes) -> None:
+            raise RuntimeError("injected")
+
+        self.patch(SwitchboardTransport, "ssh_IGNORE", boom)
+        c = yield self.client(stage="kex")
+        connId = self.serverTransport(c).connId
+        deaf(c)
+        c.sendPacket(MSG_IGNORE, NS(b"x"))
+        yield c.waitLost(5)
+        self.assertEqual(c.disconnect and c.disconnect[0], DISCONNECT_PROTOCOL_ERROR)
+        lines = self.logs.linesFor(connId)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("RuntimeError: injected", lines[0])
+        self.assertNotIn("Traceback", self.logs.out.getvalue())
+        self.assertEqual(self.flushLoggedErrors(), [])
+        yield self.assertServing()
