@@ -92,9 +92,12 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
-        # Learn when our socket's write buffer is full, so circuits stop granting window.
+        # Learn when our socket's write buffer is full, so circuits stop granting window;
+        # whatever held that place before (a service this one replaces) gives it up.
         tcp = self.transport.transport
-        if getattr(tcp, "registerProducer", None) is not None and tcp.producer is None:
+        if getattr(tcp, "registerProducer", None) is not None and tcp.producer is not self:
+            if tcp.producer is not None:
+                tcp.unregisterProducer()
             tcp.registerProducer(self, True)
         interval = self.config.client_alive_interval
         if interval > 0:

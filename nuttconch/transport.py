@@ -190,6 +190,11 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         if 30 <= messageNum <= 49:
             if not self._kexMessageAllowed(messageNum):
                 return
+        if messageNum == conch_transport.MSG_SERVICE_REQUEST and self.service is not None:
+            # One service per connection: a second ssh-userauth would reset the attempt
+            # counters, a second ssh-connection replace the live one and its circuits.
+            self.protocolError("service already started")
+            return
         if messageNum == conch_transport.MSG_KEXINIT and self.firstKexDone:
             if not self._rekeyAllowed():
                 self.protocolError("too many key re-exchanges")

@@ -21,6 +21,7 @@ from twisted.conch.ssh import common
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
+from nuttconch.connection import SwitchboardConnection
 from nuttconch.transport import SwitchboardTransport
 
 from . import rawssh
@@ -176,3 +177,49 @@ class KeyExchangeMessageTests(ThreatMixin, unittest.TestCase):
         self.assertNotIn("Traceback", self.logs.out.getvalue())
         self.assertEqual(self.flushLoggedErrors(), [])
         yield self.assertServing()
+
+
+class ServiceRequestTests(ThreatMixin, unittest.TestCase):
+    """Point 4: one service per connection, and the connection service always registered
+    for its socket's congestion."""
+
+    @defer.inlineCallbacks
+    def test_service_request_after_login_disconnects(self) -> Any:
+        """A second SERVICE_REQUEST ssh-connection after login ends the connection with a
+        protocol error instead of replacing the connection service."""
+        c = yield self.authed()
+        server = self.serverTransport(c)
+        service = server.service
+        seen = deaf(c)
+        c.sendPacket(MSG_SERVICE_REQUEST, NS(b"ssh-connection"))
+        try:
+            yield c.waitLost(5)
+        except defer.TimeoutError:
+            self.fail("SERVICE_REQUEST after login was accepted")
+        self.assertNotIn(6, seen)  # no SERVICE_ACCEPT
+        self.assertIs(server.service, service)
+        self.assertEqual(c.disconnect and c.disconnect[0], DISCONNECT_PROTOCOL_ERROR)
+        yield self.assertServing()
+
+    @defer.inlineCallbacks
+    def test_service_request_during_userauth_disconnects(self) -> Any:
+        """A second SERVICE_REQUEST ssh-userauth (which would reset the attempt counters)
+        ends the connection."""
+        c = yield self.client(stage="userauth")
+        deaf(c)
+        c.sendPacket(MSG_SERVICE_REQUEST, NS(b"ssh-userauth"))
+        yield c.waitLost(5)
+        self.assertEqual(c.disconnect and c.disconnect[0], DISCONNECT_PROTOCOL_ERROR)
+
+    @defer.inlineCallbacks
+    def test_new_connection_service_registers_for_congestion(self) -> Any:
+        """A connection service started on a transport whose socket already has a producer
+        takes that place, so its circuits still see the socket's congestion."""
+        c = yield self.authed()
+        server = self.serverTransport(c)
+        tcp = server.transport
+        self.assertIs(tcp.producer, server.service)
+        replacement = SwitchboardConnection()
+        server.setService(replacement)
+        self.assertIs(tcp.producer, replacement)
+        c.close()
