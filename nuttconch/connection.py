@@ -128,7 +128,11 @@ class SwitchboardConnection(connection.SSHConnection):
 
     def resumeProducing(self) -> None:
         """The socket drained: let queued circuit ends send, starting after the one that
-        went first last time, so that under sustained congestion none is starved."""
+        went first last time, so that under sustained congestion none is starved.
+        During a key exchange everything would only queue: the transport resumes us
+        when it ends."""
+        if getattr(self.transport, "keyExchanging", False):
+            return
         self.congested = False
         chans = list(self.channels.values())
         if not chans:

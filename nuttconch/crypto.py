@@ -55,6 +55,9 @@ IMPLICIT_MAC = b"<implicit>"
 #: OpenSSH's PACKET_MAX_SIZE: the largest packet_length accepted.
 MAX_PACKET = 256 * 1024
 _SEQ_MASK = 0xFFFFFFFF
+# What one queued (type, payload) tuple costs beyond its payload, so that a flood of empty
+# replies counts too.
+_QUEUE_ENTRY_COST = 64
 _ZERO_BLOCK = bytes(64)
 _pack_len = struct.Struct(">L").pack
 _pack_hdr = struct.Struct(">LBB").pack
@@ -599,6 +602,12 @@ class ModernTransportMixin(_TransportBase):
     _bytesOut = 0
     _bytesIn = 0
     _rekeyAt = 0
+    #: Bytes (payloads plus bookkeeping) queued behind the current key exchange.
+    _kexQueued = 0
+
+    def kexQueueGrew(self, queued: int) -> None:
+        """A message was queued behind a key exchange; ``queued`` bytes are now held.
+        Conch's queue has no bound: the subclass decides when to push back."""
 
     # outgoing
 
@@ -635,11 +644,14 @@ class ModernTransportMixin(_TransportBase):
         self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
         self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
         self._blockedByKeyExchange = []
+        self._kexQueued = 0
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             if not self._allowedKeyExchangeMessageType(messageType):
                 self._blockedByKeyExchange.append((messageType, payload))
+                self._kexQueued += len(payload) + _QUEUE_ENTRY_COST
+                self.kexQueueGrew(self._kexQueued)
                 return
         if self.outgoingCompression:
             packet = self.outgoingCompression.compress(bytes((messageType,)) + payload)  # noqa: E501

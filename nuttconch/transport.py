@@ -6,6 +6,18 @@ CBC, SHA-1 and group exchange, advertises ``server-sig-algs`` from the host
 keys only (so OpenSSH will not offer RSA user keys to an Ed25519 host),
 holds a silent connection forever, and lets a malformed packet escape as
 an unhandled exception.  This subclass fixes each of those in one place.
+
+It also holds the peer to the key exchange's message order, because Conch
+does not: a key-exchange method message (30-49) is accepted only between
+the peer's KEXINIT and our NEWKEYS, and only the one our methods use (30;
+group exchange is not offered), so a repeated ECDH_INIT cannot make the
+server redo a host-key signature; after its KEXINIT the peer may send no
+connection-layer message until its NEWKEYS (RFC 4253 7.1).  A service is
+requested once per connection.  While a rekey is in progress the
+connection's circuits are treated as congested (their data waits behind
+their windows rather than in Conch's key-exchange queue), reading from
+the peer stops once that queue passes ``KEX_QUEUE_LIMIT``, and a rekey
+that takes longer than ``rekeyTimeout`` seconds ends the connection.
 """
 
 from __future__ import annotations
@@ -56,6 +68,12 @@ REKEY_PER_SECOND = 1.0
 # curve25519, ML-KEM hybrid): KEXDH_INIT / KEX_ECDH_INIT / KEX_HYBRID_INIT all share 30.
 MSG_KEX_INIT = 30
 GROUP_EXCHANGE_MESSAGES = frozenset({32, 33, 34})
+# A rekey (any key exchange after the first) must finish within this many seconds: one
+# round trip and a host-key signature, so a minute is generous even on a slow link.
+REKEY_TIMEOUT = 60.0
+# Payload bytes queued behind a key exchange before we stop reading from the peer.  Circuits
+# hold their data back during a rekey, so only control messages should ever queue here.
+KEX_QUEUE_LIMIT = 256 * 1024
 
 _MALFORMED = (struct.error, KeyError, IndexError, ValueError, UnicodeDecodeError, TypeError)
 
@@ -91,6 +109,10 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     # What an unauthenticated close is penalised as (PerSourcePenalties kinds).
     penaltyKind = "noauth"
     preKexMessages = 0
+    rekeyTimeout: float = REKEY_TIMEOUT
+    kexQueueLimit: int = KEX_QUEUE_LIMIT
+    _rekeyDeadline: Any = None
+    _readingPaused = False
 
     def connectionMade(self) -> None:
         """Enable TCP_NODELAY and start the handshake deadline before anything is read."""
@@ -135,6 +157,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._cancelRekeyDeadline()
         log.info(
             "conn {conn_id} from {peer}: closed: {why}",
             conn_id=self.connId,
@@ -190,6 +213,11 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         if 30 <= messageNum <= 49:
             if not self._kexMessageAllowed(messageNum):
                 return
+        elif messageNum >= 50 and self._kexInitReceived:
+            # RFC 4253 7.1: between its KEXINIT and its NEWKEYS a peer sends only transport
+            # messages; anything else (blind keepalive answers, say) is hostile.
+            self.protocolError(f"message {messageNum} during key exchange")
+            return
         if messageNum == conch_transport.MSG_SERVICE_REQUEST and self.service is not None:
             # One service per connection: a second ssh-userauth would reset the attempt
             # counters, a second ssh-connection replace the live one and its circuits.
@@ -242,6 +270,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
             self.firstKexDone
             and service is not None
             and hasattr(self, "avatar")
+            and not self._kexInitReceived
             and not getattr(self.transport, "disconnecting", False)
         ):
             fast = getattr(service, "channelData", None)
@@ -286,6 +315,62 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def ssh_NEWKEYS(self, packet: bytes) -> None:
         super().ssh_NEWKEYS(packet)
         self.firstKexDone = True
+
+    # rekeys: congestion, a bounded queue, a deadline
+
+    @property
+    def keyExchanging(self) -> bool:
+        """True from a KEXINIT (ours or the peer's) to the peer's NEWKEYS: outgoing
+        non-transport messages are queued meanwhile, so circuits must not send."""
+        return bool(self._keyExchangeState != self._KEY_EXCHANGE_NONE)
+
+    def sendKexInit(self) -> None:
+        """Every key exchange goes through here (a peer's KEXINIT makes us send ours).
+        For a rekey, hold the circuits back and start the deadline."""
+        super().sendKexInit()
+        if self.sessionID is None:
+            return  # the first exchange is under the login grace time
+        self._cancelRekeyDeadline()
+        if self.rekeyTimeout > 0:
+            self._rekeyDeadline = self.clock.callLater(self.rekeyTimeout, self._rekeyTimedOut)
+        congest = getattr(self.service, "pauseProducing", None)
+        if congest is not None:
+            congest()
+
+    def _newKeys(self) -> None:
+        """The exchange is over: Conch sends what was queued; then reading and the
+        circuits resume (unless the socket itself is still backed up)."""
+        super()._newKeys()
+        self._cancelRekeyDeadline()
+        self._kexQueued = 0
+        tcp = self.transport
+        if self._readingPaused:
+            self._readingPaused = False
+            tcp.resumeProducing()
+        resume = getattr(self.service, "resumeProducing", None)
+        if resume is not None and not getattr(tcp, "producerPaused", False):
+            resume()
+
+    def kexQueueGrew(self, queued: int) -> None:
+        """Called by the packet layer as messages queue behind a key exchange: past the
+        limit, stop reading from the peer, whose requests are what can still add to it.
+        The rekey deadline then ends a peer that does not finish the exchange."""
+        if queued > self.kexQueueLimit and not self._readingPaused:
+            tcp = self.transport
+            if tcp is not None and not getattr(tcp, "disconnecting", False):
+                self._readingPaused = True
+                tcp.pauseProducing()
+
+    def _cancelRekeyDeadline(self) -> None:
+        if self._rekeyDeadline is not None and self._rekeyDeadline.active():
+            self._rekeyDeadline.cancel()
+        self._rekeyDeadline = None
+
+    def _rekeyTimedOut(self) -> None:
+        self._rekeyDeadline = None
+        self.sendDisconnect(
+            conch_transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange timed out"
+        )
 
     def closeTCP(self) -> None:
         """loseConnection, first dropping our producer: Twisted would otherwise resume a

@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.conch.ssh import common
 from twisted.internet import defer, protocol, reactor, task
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from nuttconch.connection import SwitchboardConnection
@@ -176,6 +177,109 @@ class KeyExchangeMessageTests(ThreatMixin, unittest.TestCase):
         self.assertIn("RuntimeError: injected", lines[0])
         self.assertNotIn("Traceback", self.logs.out.getvalue())
         self.assertEqual(self.flushLoggedErrors(), [])
+        yield self.assertServing()
+
+
+class StalledKeyExchangeTests(ThreatMixin, unittest.TestCase):
+    """Point 3: a key exchange that never finishes costs bounded memory and time."""
+
+    @defer.inlineCallbacks
+    def stalledClientOnCircuit(self, rekeyTimeout: float | None = None) -> Any:
+        """An authenticated client with a circuit (advertising ``window``) to an initiator
+        whose service streams data, advertising a 4 GiB window; the client then sends
+        KEXINIT and never goes on."""
+        source = listen_stream(self, 64 * 1024 * 1024)
+        key = self.key("src", options='access="initiate"')
+        yield self.initiator(key, "src", f"7300:localhost:{source}")
+        name = self.registry.listeners()[0].connect_name
+        c = yield self.authed()
+        server = self.serverTransport(c)
+        num, _ = yield c.conn.openRaw(
+            b"direct-tcpip", rawssh.direct_tcpip(name.encode(), 7300), window=0xFFFFFFFF
+        )
+        self.assertEqual(num, 91)
+        if rekeyTimeout is not None:
+            server.rekeyTimeout = rekeyTimeout
+        seen = deaf(c)
+        c.sendPacket(MSG_KEXINIT, rawssh.kexinit()[1:])
+        return c, server, seen
+
+    @defer.inlineCallbacks
+    def test_stalled_rekey_does_not_queue_circuit_data(self) -> Any:
+        """While a client's KEXINIT goes unfinished, data for its circuit stays behind the
+        circuit's window instead of piling up in the transport's key-exchange queue."""
+        rss = rss_kib()
+        c, server, _ = yield self.stalledClientOnCircuit()
+        peak = 0
+        held = 0
+        for _ in range(20):
+            yield sleep(0.1)
+            peak = max(peak, queued(server))
+            held = max(held, sum(len(ch.buf) for ch in server.service.channels.values()))
+        figure(
+            f"point3 stalled KEXINIT, after 2 s: {peak} bytes queued, {held} held by the"
+            f" circuit, RSS +{(rss_kib() - rss) // 1024} MiB"
+        )
+        self.assertFalse(c.isLost)
+        self.assertGreater(held, 0)  # the initiator's data did arrive
+        self.assertLess(peak, 64 * 1024, peak)
+        self.assertLess(held, 2 * self.config.channel_window + 1024 * 1024, held)
+        self.assertTrue(server.service.congested)
+
+    @defer.inlineCallbacks
+    def test_stalled_rekey_hits_the_deadline(self) -> Any:
+        """A rekey that the peer never completes ends the connection at the rekey deadline
+        with a DISCONNECT that says so."""
+        c, server, _ = yield self.stalledClientOnCircuit(rekeyTimeout=1.0)
+        connId = server.connId
+        try:
+            yield c.waitLost(10)
+        except defer.TimeoutError:
+            self.fail("a stalled rekey was never ended")
+        self.assertEqual(c.disconnect and c.disconnect[1], b"key exchange timed out")
+        self.assertIn("key exchange timed out", "\n".join(self.logs.linesFor(connId)))
+        yield self.assertServing()
+
+    @defer.inlineCallbacks
+    def test_blind_replies_during_peer_kex_are_refused(self) -> Any:
+        """After its KEXINIT a peer may send only transport messages until its NEWKEYS:
+        a blind keepalive answer (REQUEST_SUCCESS) then is a protocol error."""
+        c = yield self.authed()
+        server = self.serverTransport(c)
+        deaf(c)
+        answered: list[object] = []
+        for _ in range(3):  # keepalives the client has not answered yet
+            d = server.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+            d.addBoth(answered.append)
+        c.sendPacket(MSG_KEXINIT, rawssh.kexinit()[1:])
+        for _ in range(3):
+            c.sendPacket(MSG_REQUEST_SUCCESS, b"")
+        try:
+            yield c.waitLost(5)
+        except defer.TimeoutError:
+            self.fail("connection messages during the peer's key exchange were accepted")
+        self.assertEqual(c.disconnect and c.disconnect[0], DISCONNECT_PROTOCOL_ERROR)
+        self.assertEqual([x for x in answered if not isinstance(x, Failure)], [])
+        yield self.assertServing()
+
+    @defer.inlineCallbacks
+    def test_queue_during_rekey_stops_reading(self) -> Any:
+        """During a server-started rekey a peer that ignores it and floods requests makes
+        the server queue replies only up to a bound; then it stops reading that peer."""
+        c = yield self.authed()
+        server = self.serverTransport(c)
+        deaf(c)
+        server.sendKexInit()  # as a volume rekey (RekeyLimit) would
+        request = NS(b"no-such@example.org") + b"\x01"
+        for _ in range(40000):
+            c.sendPacket(MSG_GLOBAL_REQUEST, request)
+        entries = 0
+        for _ in range(30):
+            yield sleep(0.1)
+            entries = max(entries, len(server._blockedByKeyExchange or ()))
+        figure(f"point3 replies queued for 40000 requests during a rekey: {entries}")
+        self.assertFalse(c.isLost)
+        self.assertLess(entries, 10000, entries)
         yield self.assertServing()
 
 
