@@ -35,6 +35,8 @@ log = Logger()
 ALL_ACCESS = frozenset({"initiate", "listen", "list", "admin"})
 MIN_RSA_BITS = 2048
 MAX_USER_BYTES = 1024
+# How much of an unsupported key algorithm name is logged.
+MAX_ALG_BYTES = 64
 
 
 class Refused(UnauthorizedLogin):
@@ -291,6 +293,30 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             return None
         d.addBoth(self._done)
         return d
+
+    def auth_publickey(self, packet: bytes) -> Any:
+        """Refuse a key blob that does not parse before Conch sees it: Conch logs the
+        peer's algorithm name whole, raw and at error level, as a format string (one
+        256 KiB line per attempt, ESC and CR written through to the operator's terminal).
+        Here it is one info line with the name truncated and escaped."""
+        algName, blob = userauth.getNS(packet[1:], 2)[:2]
+        try:
+            keys.Key.fromString(blob)
+        except keys.BadKeyError:
+            shown = algName[:MAX_ALG_BYTES]
+            log.info(
+                "conn {conn_id} from {peer}: unsupported key type {alg}{more}",
+                conn_id=self.info.conn_id,
+                peer=self.info.peer,
+                alg=escape(shown),
+                more=f" ({len(algName)} bytes)" if len(algName) > len(shown) else "",
+            )
+            message = "unsupported key type or malformed key"
+            if message not in self._shown:
+                self._shown.add(message)
+                self.sendBanner(f"nuttconch: {message}\r\n")
+            return defer.fail(UnauthorizedLogin(message))
+        return super().auth_publickey(packet)
 
     def _done(self, result: object) -> object:
         self._busy = False

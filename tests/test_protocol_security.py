@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.conch.ssh import common
 from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -327,3 +328,39 @@ class ServiceRequestTests(ThreatMixin, unittest.TestCase):
         server.setService(replacement)
         self.assertIs(tcp.producer, replacement)
         c.close()
+
+
+class UnsupportedKeyAlgorithmTests(ThreatMixin, unittest.TestCase):
+    """Point 8: a hostile public-key algorithm name costs one short, escaped info line."""
+
+    @defer.inlineCallbacks
+    def test_huge_hostile_algorithm_name_is_truncated_and_escaped(self) -> Any:
+        """A 200 KB algorithm name full of ESC, BEL, CR and braces, with a key blob that
+        does not parse, is logged once at info, truncated and escaped."""
+        levels: list[LogLevel] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
+                levels.append(event["log_level"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        c = yield self.client(stage="userauth")
+        connId = self.serverTransport(c).connId
+        alg = (b"evil{0}\x1b[2J\x07\rFORGED LINE " * 8000)[:200_000]
+        request = NS(b"cli") + NS(b"ssh-connection") + NS(b"publickey") + b"\x00"
+        request += NS(alg) + NS(b"not a key blob")
+        c.sendPacket(MSG_USERAUTH_REQUEST, request)
+        num, _ = yield c.inbox.expect(51)  # USERAUTH_FAILURE: the client may go on
+        c.close()
+        yield c.waitLost(5)
+        yield sleep(0.05)
+        text = self.logs.out.getvalue()
+        figure(f"point8 log bytes for one 200 KB algorithm name: {len(text.encode())}")
+        self.assertLess(len(text), 4000, text[:300])
+        for ch in "\x1b\x07\r":
+            self.assertNotIn(ch, text)
+        self.assertEqual(levels, [])
+        lines = [x for x in self.logs.linesFor(connId) if "unsupported key type" in x]
+        self.assertEqual(len(lines), 1, self.logs.linesFor(connId))
+        self.assertIn("evil{0}\\x1b[2J\\x07\\rFORGED", lines[0])
