@@ -84,9 +84,10 @@ _unpack_3L = struct.Struct(">3L").unpack_from
 
 def peer_text(value: bytes | str) -> str:
     """Peer-supplied text cut before it is escaped, so its size costs us nothing."""
-    cut = value[:PEER_TEXT_MAX]
-    text = escape(cut)
-    return text + "..." if len(value) > PEER_TEXT_MAX else text
+    text = escape(value[:PEER_TEXT_MAX])
+    if len(value) > PEER_TEXT_MAX or len(text) > PEER_TEXT_MAX:
+        return text[:PEER_TEXT_MAX] + "..."
+    return text
 
 
 class OpenRefused(Exception):
