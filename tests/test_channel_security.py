@@ -74,6 +74,15 @@ def drain(inbox: rawssh.Inbox, num: int, chan: int) -> list[bytes]:
     return taken
 
 
+def rss_kib() -> int:
+    """This process's resident set (server and test clients together), KiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def pause(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -347,9 +356,13 @@ class ExtendedDataTests(ChannelMixin, unittest.TestCase):
         c = yield self.authed('access="listen"')
         rc = yield self.rawCircuit(c, init, name, initWindow=65536)
         self.assertIsInstance(rc, RawCircuit)
+        rss = rss_kib()
         pushed = yield self.pushWithExtendedData(c, rc.cremote, rc.cid, rc.cwindow, rc.cmax)
         held = server_channel_buffers(self.factory)
-        figure(f"14.2 client->initiator: window {rc.cwindow}, pushed {pushed}, held {held}")
+        figure(
+            f"14.2 client->initiator: window {rc.cwindow}, pushed {pushed}, held {held},"
+            f" process RSS {rss_kib() - rss:+d} KiB"
+        )
         self.assertLessEqual(pushed, rc.cwindow + 65536 + 4)
         self.assertLessEqual(held, rc.cwindow)
         yield self.assertServing()
@@ -361,9 +374,13 @@ class ExtendedDataTests(ChannelMixin, unittest.TestCase):
         c = yield self.authed('access="listen"')
         rc = yield self.rawCircuit(c, init, name, clientWindow=65536)
         self.assertIsInstance(rc, RawCircuit)
+        rss = rss_kib()
         pushed = yield self.pushWithExtendedData(init, rc.iremote, rc.iid, rc.iwindow, rc.imax)
         held = server_channel_buffers(self.factory)
-        figure(f"14.2 initiator->client: window {rc.iwindow}, pushed {pushed}, held {held}")
+        figure(
+            f"14.2 initiator->client: window {rc.iwindow}, pushed {pushed}, held {held},"
+            f" process RSS {rss_kib() - rss:+d} KiB"
+        )
         self.assertLessEqual(pushed, rc.iwindow + 65536 + 4)
         self.assertLessEqual(held, rc.iwindow)
         yield self.assertServing()
