@@ -639,8 +639,10 @@ class ChannelRequestTests(ChannelMixin, unittest.TestCase):
         self.assertNotIn("Unhandled error", text)
         self.assertNotIn("Traceback", text)
         self.assertNotIn("multiple session-client requests", text)
-        lines = [x for x in self.logs.linesFor(connId) if "request" in x]
+        lines = [x for x in self.logs.lines() if f"conn {connId}: " in x]
         self.assertEqual(len(lines), 1, lines)
+        self.assertIn("channel request \\xff\\xfe\\x80 failed", lines[0])
+        self.assertIn("further bad requests on this connection are not logged", lines[0])
         self.assertFalse(c.isLost)
         num, _ = yield c.conn.globalRequest(b"no-such@example.org", b"")
         self.assertEqual(num, 82)
