@@ -49,13 +49,35 @@ class CircuitEnd(channel.SSHChannel):
         if peer is None or peer.localClosed:
             return
         self.held += len(data)
-        peer.write(data)
+        try:
+            peer.write(data)
+        except Exception:
+            # The peer end lives on another connection: whatever went wrong there must
+            # not unwind into this connection's packet handling and drop all of it.
+            log.failure(
+                "circuit {circuit_id}: sending to the other end failed; circuit closed",
+                circuit_id=self.circuit.id if self.circuit is not None else "?",
+            )
+            self.circuitFailed()
+            return
         self.grant()
 
+    def circuitFailed(self) -> None:
+        """Close both ends at once, dropping whatever either still queues."""
+        for end in (self.peer, self):
+            if end is not None and end.conn is not None and not end.localClosed:
+                end.buf = bytearray()
+                end.eofPending = False
+                end.conn.sendClose(end)
+
     def extReceived(self, dataType: int, data: bytes) -> None:
-        """Extended data has no meaning on a TCP circuit; give its window back."""
-        if self.conn is not None and not self.localClosed:
-            self.conn.adjustWindow(self, len(data))
+        """Extended data has no meaning on a TCP circuit: it is dropped, and its window
+        given back with the data's, exactly once (``held`` minus what the peer still
+        queues is what has been consumed)."""
+        if self.peer is None:
+            return
+        self.held += len(data)
+        self.grant()
 
     def grant(self) -> None:
         """Re-open the window for bytes the peer has passed on."""
@@ -85,20 +107,23 @@ class CircuitEnd(channel.SSHChannel):
         if self.buf or self.conn.congested:
             self.buf += data
             return
-        window = self.remoteWindowLeft
-        size = len(data)
-        if size <= window:
-            self._sendPackets(data, size)
-        else:
-            self._sendPackets(data, window)
-            self.buf += data[window:]
+        size = min(len(data), self.remoteWindowLeft)
+        sent = self._sendPackets(data, size)
+        if sent < len(data):
+            self.buf += data[sent:]
 
-    def _sendPackets(self, data: bytes | memoryview, size: int) -> None:
+    def _sendPackets(self, data: bytes | memoryview, size: int) -> int:
         """Send data[:size] as CHANNEL_DATA packets of at most the peer's packet size,
-        as views: the transport seals them from pieces, without joining copies."""
+        as views: the transport seals them from pieces, without joining copies.
+
+        Returns how much was sent: it stops early once the socket is congested, so one
+        call never seals more than the socket's buffer takes (with a peer's 4 GiB
+        window, that would hold the reactor for everyone); the caller queues the rest.
+        """
         if size <= 0:
-            return
+            return 0
         conn = self.conn
+        sent = size
         if not self.localClosed:  # as SSHConnection.sendData: nothing after our close
             fast = getattr(conn.transport, "sendChannelData", None)
             if fast is not None:
@@ -114,7 +139,11 @@ class CircuitEnd(channel.SSHChannel):
             else:
                 for offset in range(0, size, rmp):
                     send(to, view[offset : offset + rmp])
-        self.remoteWindowLeft -= size
+                    if conn.congested:
+                        sent = min(size, offset + rmp)
+                        break
+        self.remoteWindowLeft -= sent
+        return sent
 
     def flush(self) -> None:
         """Send queued bytes as far as the window allows; then a pending EOF or close."""
@@ -123,8 +152,8 @@ class CircuitEnd(channel.SSHChannel):
             size = min(len(buf), self.remoteWindowLeft)
             if size > 0:
                 with memoryview(buf) as view:
-                    self._sendPackets(view, size)
-                del buf[:size]
+                    sent = self._sendPackets(view, size)
+                del buf[:sent]
         if buf:
             return
         if self.closing:
@@ -206,6 +235,12 @@ class InitiatorEnd(CircuitEnd):
 
     def openFailed(self, reason: Any) -> None:
         if not self.abandoned:
+            self.opened.errback(reason)
+
+    def refuse(self, reason: Exception) -> None:
+        """The initiator confirmed, but on terms we refuse: fail the waiting client's
+        open as if the initiator had refused (the caller closes this channel)."""
+        if not self.abandoned and not self.opened.called:
             self.opened.errback(reason)
 
 

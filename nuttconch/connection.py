@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import common, connection, forwarding
 from twisted.conch.ssh import transport as conch_transport
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .circuit import Circuit, ClientEnd, InitiatorEnd
@@ -41,6 +41,17 @@ _circuit_ids = itertools.count(1)
 _unpack_2L = struct.Struct(">2L").unpack_from
 _unpack_L = struct.Struct(">L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
+# The smallest maximum packet size we accept from a peer (OpenSSH's channels are 32 KiB;
+# below this every relayed byte costs a packet of its own).
+MIN_MAX_PACKET = 1024
+# How much peer-supplied text (a channel type, a refusal reason) we echo or log.
+PEER_TEXT_MAX = 200
+# Stop reading from a peer that makes us reply while it leaves our replies unread.
+READ_PAUSE_BUFFERED = 256 * 1024
+# Messages that make us send the peer a reply whatever it reads (opens, requests).
+_REPLYING_MESSAGES = frozenset(
+    {connection.MSG_GLOBAL_REQUEST, connection.MSG_CHANNEL_OPEN, connection.MSG_CHANNEL_REQUEST}
+)
 # Channel messages whose first field is our channel id, and whether the channel must be open.
 _CHANNEL_MESSAGES = {
     connection.MSG_CHANNEL_OPEN_CONFIRMATION: False,
@@ -54,6 +65,29 @@ _CHANNEL_MESSAGES = {
     connection.MSG_CHANNEL_SUCCESS: True,
     connection.MSG_CHANNEL_FAILURE: True,
 }
+# Messages a peer may still send for a channel that has closed both ways: it built them
+# before it saw our CLOSE (paramiko does so routinely); OpenSSH ignores them as we do.
+_LATE_MESSAGES = frozenset(
+    {
+        connection.MSG_CHANNEL_WINDOW_ADJUST,
+        connection.MSG_CHANNEL_DATA,
+        connection.MSG_CHANNEL_EXTENDED_DATA,
+        connection.MSG_CHANNEL_EOF,
+        connection.MSG_CHANNEL_CLOSE,
+        connection.MSG_CHANNEL_REQUEST,
+        connection.MSG_CHANNEL_SUCCESS,
+        connection.MSG_CHANNEL_FAILURE,
+    }
+)
+_unpack_3L = struct.Struct(">3L").unpack_from
+
+
+def peer_text(value: bytes | str) -> str:
+    """Peer-supplied text cut before it is escaped, so its size costs us nothing."""
+    text = escape(value[:PEER_TEXT_MAX])
+    if len(value) > PEER_TEXT_MAX or len(text) > PEER_TEXT_MAX:
+        return text[:PEER_TEXT_MAX] + "..."
+    return text
 
 
 class OpenRefused(Exception):
@@ -80,6 +114,9 @@ class SwitchboardConnection(connection.SSHConnection):
         self._unanswered = 0
         self._idleCall: Any = None
         self.stopped = False
+        self.lateMessages = 0
+        self.badRequests = 0
+        self._readPaused = False
 
     @property
     def avatar(self) -> SwitchboardAvatar:
@@ -134,6 +171,9 @@ class SwitchboardConnection(connection.SSHConnection):
         if getattr(self.transport, "keyExchanging", False):
             return
         self.congested = False
+        if self._readPaused:
+            self._readPaused = False
+            self.transport.transport.resumeProducing()
         chans = list(self.channels.values())
         if not chans:
             return
@@ -195,19 +235,43 @@ class SwitchboardConnection(connection.SSHConnection):
     # message guards
 
     def packetReceived(self, messageNum: int, packet: bytes) -> Any:
-        """Refuse messages naming channels that do not exist, instead of crashing."""
+        """Refuse messages naming channels that never existed, instead of crashing; drop
+        the late ones for channels that have closed (the peer sent them before it saw
+        our CLOSE: a disconnect would cut every other circuit of the connection)."""
         mustBeOpen = _CHANNEL_MESSAGES.get(messageNum)
         if mustBeOpen is not None:
             (localChannel,) = struct.unpack(">L", packet[:4])
             chan = self.channels.get(localChannel)
             if chan is None:
+                if messageNum in _LATE_MESSAGES and localChannel < self.localChannelID:
+                    self.lateMessages += 1
+                    return None
                 self.transport.protocolError(f"message {messageNum} for unknown channel")
                 return None
             isOpen = chan in self.channelsToRemoteChannel
             if mustBeOpen != isOpen:
                 self.transport.protocolError(f"message {messageNum} in wrong channel state")
                 return None
-        return super().packetReceived(messageNum, packet)
+        result = super().packetReceived(messageNum, packet)
+        if messageNum in _REPLYING_MESSAGES:
+            self._pauseReadingIfUnread()
+        return result
+
+    def _pauseReadingIfUnread(self) -> None:
+        """A peer that sends requests but leaves the replies unread would make our
+        output buffer grow without end: stop reading from it until the buffer drains
+        (Twisted then calls resumeProducing)."""
+        tcp = self.transport.transport
+        if self._readPaused or getattr(tcp, "producer", None) is not self:
+            return
+        buffered = (
+            len(getattr(tcp, "dataBuffer", b""))
+            - getattr(tcp, "offset", 0)
+            + getattr(tcp, "_tempDataLen", 0)
+        )
+        if buffered > READ_PAUSE_BUFFERED:
+            self._readPaused = True
+            tcp.pauseProducing()
 
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
         localChannel, bytesToAdd = struct.unpack(">2L", packet[:8])
@@ -225,6 +289,27 @@ class SwitchboardConnection(connection.SSHConnection):
             self.packetReceived(connection.MSG_CHANNEL_DATA, packet)
             return
         self.ssh_CHANNEL_DATA(packet)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        """Extended data on a circuit end is checked and counted as CHANNEL_DATA is:
+        Conch's handler would refill the whole window, which the splice then grants
+        again, so a byte of it after each window let a client push without limit."""
+        localChannel, typeCode, dataLength = _unpack_3L(packet, 0)
+        chan = self.channels[localChannel]
+        if not getattr(chan, "manualWindow", False):
+            return super().ssh_CHANNEL_EXTENDED_DATA(packet)
+        if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
+            self.transport.protocolError("extended data exceeds the window or packet size")
+            return None
+        data = packet[12 : 12 + dataLength]
+        if len(data) != dataLength:
+            self.transport.protocolError("truncated extended data")
+            return None
+        chan.localWindowLeft -= dataLength
+        if chan.localClosed:
+            return None
+        chan.extReceived(typeCode, data)
+        return None
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         """Data for circuit ends does not auto-refill the window: the splice grants it.
@@ -255,11 +340,48 @@ class SwitchboardConnection(connection.SSHConnection):
             chan.eofReceived()
 
     def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
+        """Conch's handler leaves an unhandled error in a Deferred when a request that
+        wants no reply fails (a non-ASCII type, a short window-change): a failing
+        request is consumed here, answered FAILURE if a reply is wanted, and noted."""
         localChannel = struct.unpack(">L", packet[:4])[0]
         chan = self.channels[localChannel]
         if chan.localClosed:
             return None
-        return super().ssh_CHANNEL_REQUEST(packet)
+        requestType, rest = common.getNS(packet[4:])
+        if not rest:
+            self.transport.protocolError("truncated channel request")
+            return None
+        wantReply = rest[0]
+        d = defer.maybeDeferred(chan.requestReceived, requestType, rest[1:])
+        d.addErrback(self._requestFailed, requestType)
+        if wantReply:
+            d.addCallback(self._answerRequest, localChannel)
+        return d
+
+    def _requestFailed(self, failure: Any, requestType: bytes) -> int:
+        self.noteBadRequest(
+            f"channel request {peer_text(requestType)} failed"
+            f" ({failure.type.__name__}: {peer_text(str(failure.value))})"
+        )
+        return 0
+
+    def noteBadRequest(self, text: str) -> None:
+        """Log the first refused or malformed request of a connection, at info; the
+        rest are only counted, so that repeating one cannot fill the log."""
+        self.badRequests += 1
+        if self.badRequests == 1:
+            log.info(
+                "conn {conn_id}: {what}; further bad requests on this connection are not logged",
+                conn_id=self.transport.connId,
+                what=text,
+            )
+
+    def _answerRequest(self, result: Any, localChannel: int) -> None:
+        remote = self.localToRemoteChannel.get(localChannel)
+        if remote is None:  # the channel closed meanwhile
+            return
+        reply = connection.MSG_CHANNEL_SUCCESS if result else connection.MSG_CHANNEL_FAILURE
+        self.transport.sendPacket(reply, struct.pack(">L", remote))
 
     def ssh_CHANNEL_CLOSE(self, packet: bytes) -> None:
         localChannel = struct.unpack(">L", packet[:4])[0]
@@ -268,6 +390,30 @@ class SwitchboardConnection(connection.SSHConnection):
             return
         super().ssh_CHANNEL_CLOSE(packet)
         self.touch()
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        """An initiator that confirms our ``forwarded-tcpip`` with a tiny maximum packet
+        size would make every relayed byte a packet of its own (and 0 would fail inside
+        the client's connection): the circuit is refused here, on the initiator's
+        connection, and the client is told why."""
+        localChannel, remoteChannel, windowSize, maxPacket = struct.unpack(">4L", packet[:16])
+        chan = self.channels[localChannel]
+        if maxPacket >= MIN_MAX_PACKET or not isinstance(chan, InitiatorEnd):
+            super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
+            return
+        chan.conn = self
+        self.localToRemoteChannel[localChannel] = remoteChannel
+        self.channelsToRemoteChannel[chan] = remoteChannel
+        chan.remoteWindowLeft = windowSize
+        chan.remoteMaxPacket = maxPacket
+        text = (
+            f"initiator's maximum packet size {maxPacket} is too small (at least {MIN_MAX_PACKET})"
+        )
+        log.info(
+            "conn {conn_id}: circuit refused: {reason}", conn_id=self.transport.connId, reason=text
+        )
+        chan.refuse(OpenRefused(OPEN_CONNECT_FAILED, text))
+        self.sendClose(chan)
 
     def channelClosed(self, channel: Any) -> None:
         super().channelClosed(channel)
@@ -287,13 +433,18 @@ class SwitchboardConnection(connection.SSHConnection):
                 raise OpenRefused(OPEN_PROHIBITED, "channel id already in use")
             if len(self.channels) + len(self.pendingOpens) >= self.config.max_channels:
                 raise OpenRefused(OPEN_RESOURCE_SHORTAGE, "too many open channels")
-            if maxPacket < 1:
-                raise OpenRefused(OPEN_PROHIBITED, "maximum packet size 0 is not usable")
+            if maxPacket < MIN_MAX_PACKET:
+                raise OpenRefused(
+                    OPEN_PROHIBITED,
+                    f"maximum packet size {maxPacket} is too small (at least {MIN_MAX_PACKET})",
+                )
             if channelType == b"direct-tcpip":
                 self._openCircuit(senderChannel, windowSize, maxPacket, extra)
                 return
             if channelType not in self.avatar.channelLookup:
-                raise OpenRefused(OPEN_UNKNOWN_TYPE, f"unknown channel type {escape(channelType)}")
+                raise OpenRefused(
+                    OPEN_UNKNOWN_TYPE, f"unknown channel type {peer_text(channelType)}"
+                )
         except OpenRefused as refused:
             self.refuseOpen(senderChannel, refused.code, refused.message)
             return
@@ -462,8 +613,10 @@ class PendingOpen:
     def _refused(self, reason: Any) -> None:
         self._stopTimer()
         detail = getattr(reason.value, "value", None)
-        if isinstance(detail, bytes) and detail:
-            text = f"initiator refused: {escape(detail)}"
+        if isinstance(reason.value, OpenRefused):
+            text = reason.value.message
+        elif isinstance(detail, bytes) and detail:
+            text = f"initiator refused: {peer_text(detail)}"
         else:
             text = "initiator refused: connection to the initiator was lost"
         self.conn.failOpen(self, text, "initiator_refused")

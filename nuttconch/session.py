@@ -42,6 +42,32 @@ class SwitchboardSession(conch_session.SSHSession):
             return 0
         return int(super().request_pty_req(data))
 
+    def request_exec(self, data: bytes) -> int:
+        if self._repeated(b"exec"):
+            return 0
+        return int(super().request_exec(data))
+
+    def request_shell(self, data: bytes) -> int:
+        if self._repeated(b"shell"):
+            return 0
+        return int(super().request_shell(data))
+
+    def request_subsystem(self, data: bytes) -> int:
+        if self._repeated(b"subsystem"):
+            return 0
+        return int(super().request_subsystem(data))
+
+    def _repeated(self, kind: bytes) -> bool:
+        """A session runs one shell, exec or subsystem.  Conch refuses a second one with
+        an error line each time; here it is refused as the connection's other bad
+        requests are: the first is logged at info, the rest only counted."""
+        if self.client is None:
+            return False
+        note = getattr(self.conn, "noteBadRequest", None)
+        if note is not None:
+            note(f"second {kind.decode()} request on one session refused")
+        return True
+
     def dataReceived(self, data: bytes) -> None:
         if self.client is None:
             if len(self.buf) + len(data) <= MAX_PENDING_INPUT:
