@@ -346,7 +346,10 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         tcp = self.transport
         if self._readingPaused:
             self._readingPaused = False
-            tcp.resumeProducing()
+            # The connection service may hold its own read pause (replies left unread);
+            # that one ends when the socket drains, not here.
+            if not getattr(self.service, "_readPaused", False):
+                tcp.resumeProducing()
         resume = getattr(self.service, "resumeProducing", None)
         if resume is not None and not getattr(tcp, "producerPaused", False):
             resume()
