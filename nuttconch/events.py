@@ -18,12 +18,16 @@ from twisted.logger import Logger
 from .names import escape
 
 log = Logger()
+# Released ports named in one "initiator down" line; the rest are counted.
+MAX_PORTS_LISTED = 64
 
 
 class EventLog:
     def __init__(self) -> None:
         self.ports: dict[str, set[int]] = {}
-        self.released: dict[str, list[int]] = {}
+        # A set, not a list: a connection that adds and cancels ports in a loop while it
+        # holds another must not grow this by one entry per cycle.
+        self.released: dict[str, set[int]] = {}
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         if event == "initiator.up":
@@ -40,10 +44,10 @@ class EventLog:
         elif event == "forward.remove":
             name = str(fields.get("name"))
             self.ports.get(name, set()).discard(fields.get("port", 0))
-            self.released.setdefault(name, []).append(fields.get("port", 0))
+            self.released.setdefault(name, set()).add(fields.get("port", 0))
         elif event == "initiator.down":
             name = str(fields.get("name"))
-            released = sorted(self.released.pop(name, []))
+            released = sorted(self.released.pop(name, set()))
             if not self.ports.get(name):
                 self.ports.pop(name, None)
             log.info(
@@ -52,8 +56,18 @@ class EventLog:
                 name=name,
                 peer=fields.get("peer"),
                 fingerprint=fields.get("fingerprint"),
-                ports=",".join(str(p) for p in released) or "none",
+                ports=_port_list(released),
             )
+
+
+def _port_list(ports: list[int]) -> str:
+    """Ports for one log line, the list cut at MAX_PORTS_LISTED so the line stays short."""
+    if not ports:
+        return "none"
+    text = ",".join(str(p) for p in ports[:MAX_PORTS_LISTED])
+    if len(ports) > MAX_PORTS_LISTED:
+        text += f" and {len(ports) - MAX_PORTS_LISTED} more"
+    return text
 
 
 def attach(factory: Any) -> EventLog:
