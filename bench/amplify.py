@@ -48,6 +48,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(tmp: str, commit: str | None, extra_ini: str = "") -> tuple[Any, int, Path]:
+    """``python -m nuttconch`` from this checkout (or ``git archive commit``) on a free port."""
+    src = ROOT
+    if commit:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    port = _free_port()
+    keydir = Path(tmp) / "keys"
+    ini = Path(tmp) / "nuttssh.ini"
+    ini.write_text(
+        f"[server]\nlisten_host = 127.0.0.1\nlisten_port = {port}\n"
+        "per_source_penalty_exempt_list = 127.0.0.1\nmax_channels = 2048\n"
+        f"{extra_ini}[keys]\nhost_key_dir = {keydir}\n[log]\nlevel = info\n"
+    )
+    logpath = Path(tmp) / "server.log"
+    env = dict(os.environ, PYTHONPATH=str(src))
+    with open(logpath, "wb") as logfile:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "nuttconch", "--config", str(ini)],
+            cwd=tmp,
+            env=env,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+        )
+    return server, port, logpath
+
+
+def stop_server(server: Any) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=1000)
@@ -62,32 +101,7 @@ def main() -> None:
     from tests import rawssh
 
     tmp = tempfile.mkdtemp(prefix="nuttconch-amplify-")
-    src = ROOT
-    if args.commit:
-        src = Path(tmp) / "src"
-        src.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.commit], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    port = _free_port()
-    keydir = Path(tmp) / "keys"
-    ini = Path(tmp) / "nuttssh.ini"
-    ini.write_text(
-        f"[server]\nlisten_host = 127.0.0.1\nlisten_port = {port}\n"
-        "per_source_penalty_exempt_list = 127.0.0.1\nmax_channels = 2048\n"
-        f"[keys]\nhost_key_dir = {keydir}\n[log]\nlevel = info\n"
-    )
-    logpath = Path(tmp) / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(src))
-    with open(logpath, "wb") as logfile:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "nuttconch", "--config", str(ini)],
-            cwd=tmp,
-            env=env,
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-        )
+    server, port, logpath = start_server(tmp, args.commit)
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     clientKey = keys.Key(ed25519.Ed25519PrivateKey.generate())
@@ -162,11 +176,7 @@ def main() -> None:
     except SystemExit:
         pass
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         if args.show_log:
             print(logpath.read_text())
         shutil.rmtree(tmp, ignore_errors=True)
