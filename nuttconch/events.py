@@ -53,7 +53,7 @@ class EventLog:
                 self.releasedMore[name] = self.releasedMore.get(name, 0) + 1
         elif event == "initiator.down":
             name = str(fields.get("name"))
-            released = sorted(self.released.pop(name, set()))
+            ports = sorted(self.released.pop(name, set()))
             more = self.releasedMore.pop(name, 0)
             if not self.ports.get(name):
                 self.ports.pop(name, None)
@@ -63,7 +63,7 @@ class EventLog:
                 name=name,
                 peer=fields.get("peer"),
                 fingerprint=fields.get("fingerprint"),
-                ports=_port_list(released, more),
+                ports=_port_list(ports, more),
             )
 
 

@@ -91,7 +91,8 @@ class SwitchboardSession(conch_session.SSHSession):
         self.buf = b""
         self.extBuf = []
         self.closing = 1
-        self.conn.sendClose(self)
+        if self.conn is not None:
+            self.conn.sendClose(self)
         return True
 
 

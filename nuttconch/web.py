@@ -260,7 +260,7 @@ def host_allowed(header: bytes | None, allowed: tuple[str, ...]) -> bool:
 
 
 class _Misdirected(_Leaf):
-    allowedMethods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+    """The answer to every method and path when the Host header names another site."""
 
     def render(self, request: Any) -> bytes:
         request.setResponseCode(421)
