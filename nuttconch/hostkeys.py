@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import tempfile
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -109,7 +110,8 @@ def load_or_create(path: str, kind: str) -> Key:
         key = Key.fromFile(path)
     except FileNotFoundError:
         pass
-    except (BadKeyError, ValueError, OSError) as exc:
+    except (BadKeyError, ValueError, OSError, struct.error, IndexError) as exc:
+        # struct.error: a truncated key (e.g. left by an older version's crash mid-write).
         raise HostKeyError(f"{path}: cannot load host key: {exc}") from None
     else:
         if key.isPublic():

@@ -349,6 +349,15 @@ class KeyFileTests(unittest.TestCase):
         self.assertFalse(key.isPublic())
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(keys.Key.fromFile(path).public(), key.public())
+        # A key truncated by an older version's crash: one error naming it, no traceback.
+        with open(path, "rb") as handle:
+            whole = handle.read()
+        with open(path, "wb") as handle:
+            handle.write(whole[: len(whole) // 2])
+        exc = self.assertRaises(hostkeys.HostKeyError, hostkeys.load_or_create, path, "ed25519")
+        self.assertIn(path, str(exc))
+        with open(path, "wb") as handle:
+            handle.write(whole)
         # A .pub lost in a crash is written again at the next start.
         os.unlink(path + ".pub")
         hostkeys.load_or_create(path, "ed25519")
