@@ -20,10 +20,23 @@ from zope.interface import implementer
 
 from .auth import ConnectionInfo, Identity
 from .connection import OpenRefused
+from .limits import TokenBucket
 from .names import escape
 from .registry import IRegistry, Listener, PortInUse
 
 log = Logger()
+# tcpip-forward and cancel-tcpip-forward per connection: a burst that covers every
+# forward an ``ssh -R ... -R ...`` asks for at once, then a slow refill. Each request
+# costs log lines, registry and webhook events, and a line to every greeting session.
+FORWARD_BURST = 64
+FORWARD_RATE = 1.0
+# Refused forwards logged per connection; past this, one line says the rest are not.
+MAX_REFUSALS_LOGGED = 10
+# Circuit opens to an unknown name, port or index per connection: a few typos at once,
+# then one every five seconds; past that the connection is closed. Each miss also adds
+# to the source's penalty (limits.PENALTIES["miss"]), as a failed login does.
+MISS_BURST = 10
+MISS_RATE = 0.2
 
 
 class SwitchboardAvatar(ConchUser):
@@ -38,6 +51,12 @@ class SwitchboardAvatar(ConchUser):
         self.listener: Listener | None = None
         self.sessions: list[Any] = []
         self.loggedOut = False
+        self.forwardBudget = TokenBucket(
+            FORWARD_RATE, max(FORWARD_BURST, factory.config.max_forwards), factory.clock.seconds
+        )
+        self.refusalsLogged = 0
+        self.missBudget = TokenBucket(MISS_RATE, MISS_BURST, factory.clock.seconds)
+        self.misses = 0
         from .session import SwitchboardSession
 
         self.channelLookup[b"session"] = SwitchboardSession
@@ -61,6 +80,9 @@ class SwitchboardAvatar(ConchUser):
     def global_tcpip_forward(self, data: bytes) -> Any:
         if "initiate" not in self.identity.access:
             self._refuseForward("key lacks access=initiate")
+            return 0
+        if not self.forwardBudget.take():
+            self._refuseForward("too many forward requests; slow down")
             return 0
         try:
             host, port = forwarding.unpackGlobal_tcpip_forward(data)
@@ -100,6 +122,9 @@ class SwitchboardAvatar(ConchUser):
             host, port = forwarding.unpackGlobal_tcpip_forward(data)
         except (struct.error, UnicodeDecodeError, ValueError, IndexError):
             return 0
+        if not self.forwardBudget.take():
+            self._refuseForward("too many forward requests; slow down")
+            return 0
         if self.listener is None or not self.registry.remove_port(self.listener, port):
             return 0
         log.info(
@@ -112,6 +137,13 @@ class SwitchboardAvatar(ConchUser):
         return 1
 
     def _refuseForward(self, why: str) -> None:
+        """Log a refusal, but only the first few per connection: a peer that loops on
+        refused requests must not turn each into a log line."""
+        self.refusalsLogged += 1
+        if self.refusalsLogged > MAX_REFUSALS_LOGGED:
+            return
+        if self.refusalsLogged == MAX_REFUSALS_LOGGED:
+            why += " (further refusals on this connection are not logged)"
         log.info(
             "conn {conn_id}: forward refused for {hostname}: {why}",
             conn_id=self.info.conn_id,
@@ -134,6 +166,28 @@ class SwitchboardAvatar(ConchUser):
         if self.loggedOut:
             raise OpenRefused(2, "initiator is gone")
         return self.conn.openForwarded(bindHost, port, origin)
+
+    def circuitMissed(self) -> None:
+        """A circuit open named no listener: guessing generated aliases must cost time.
+
+        The source is penalised per miss (new connections are refused once that adds
+        up, as after failed logins), and a connection that keeps missing is closed.
+        """
+        self.misses += 1
+        self.factory.penalise(self.info.peer, "miss")
+        if self.missBudget.take():
+            return
+        log.info(
+            "conn {conn_id}: closing {hostname} ({fingerprint}): {count} circuit opens"
+            " to unknown names",
+            conn_id=self.info.conn_id,
+            hostname=self.identity.hostname,
+            fingerprint=self.identity.fingerprint,
+            count=self.misses,
+        )
+        transport = self.conn.transport if self.conn is not None else None
+        if transport is not None:
+            transport.sendDisconnect(11, b"too many circuit opens to unknown names")
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Dispatch like ConchUser, but never let a handler's bug drop the connection."""

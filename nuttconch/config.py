@@ -229,6 +229,14 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting(
         "metrics",
+        "allowed_hosts",
+        lambda text: _host_names(text),
+        "",
+        "host names the status page answers besides localhost and loopback addresses"
+        " (comma separated; * for any)",
+    ),
+    Setting(
+        "metrics",
         "per_name_labels",
         _bool,
         "false",
@@ -257,6 +265,18 @@ def _endpoint_or_off(text: str) -> str:
     if ":" not in value or not kind.isalnum():
         raise ValueError("expected a Twisted endpoint such as tcp:9100:interface=127.0.0.1")
     return value
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    """Host names for the web listener's Host check: names, IP addresses, or ``*``."""
+    names = tuple(n.strip().lower().rstrip(".") for n in text.split(",") if n.strip())
+    for name in names:
+        bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+        if name == "*":
+            continue
+        if not bare or any(not (ch.isalnum() or ch in "-.:_") for ch in bare):
+            raise ValueError(f"{name!r} is not a host name or address")
+    return tuple(n[1:-1] if n.startswith("[") and n.endswith("]") else n for n in names)
 
 
 def _url_or_off(text: str) -> str:

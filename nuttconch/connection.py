@@ -490,6 +490,7 @@ class SwitchboardConnection(connection.SSHConnection):
                 reason=str(exc),
             )
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
+            avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
         target = f"{listener.connect_name}:{port}"
         circuit = Circuit(next(_circuit_ids), target, peer)

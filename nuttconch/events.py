@@ -18,12 +18,17 @@ from twisted.logger import Logger
 from .names import escape
 
 log = Logger()
+# Released ports named in one "initiator down" line; the rest are counted.
+MAX_PORTS_LISTED = 64
 
 
 class EventLog:
     def __init__(self) -> None:
         self.ports: dict[str, set[int]] = {}
-        self.released: dict[str, list[int]] = {}
+        # A set held to MAX_PORTS_LISTED, plus a count: a connection that adds and cancels
+        # ports in a loop while it holds another must not grow this by one entry per cycle.
+        self.released: dict[str, set[int]] = {}
+        self.releasedMore: dict[str, int] = {}
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         if event == "initiator.up":
@@ -40,10 +45,16 @@ class EventLog:
         elif event == "forward.remove":
             name = str(fields.get("name"))
             self.ports.get(name, set()).discard(fields.get("port", 0))
-            self.released.setdefault(name, []).append(fields.get("port", 0))
+            released = self.released.setdefault(name, set())
+            port = fields.get("port", 0)
+            if len(released) < MAX_PORTS_LISTED or port in released:
+                released.add(port)
+            else:
+                self.releasedMore[name] = self.releasedMore.get(name, 0) + 1
         elif event == "initiator.down":
             name = str(fields.get("name"))
-            released = sorted(self.released.pop(name, []))
+            ports = sorted(self.released.pop(name, set()))
+            more = self.releasedMore.pop(name, 0)
             if not self.ports.get(name):
                 self.ports.pop(name, None)
             log.info(
@@ -52,8 +63,18 @@ class EventLog:
                 name=name,
                 peer=fields.get("peer"),
                 fingerprint=fields.get("fingerprint"),
-                ports=",".join(str(p) for p in released) or "none",
+                ports=_port_list(ports, more),
             )
+
+
+def _port_list(ports: list[int], more: int) -> str:
+    """Ports for one log line: at most MAX_PORTS_LISTED, then how many more releases."""
+    if not ports:
+        return "none"
+    text = ",".join(str(p) for p in ports)
+    if more:
+        text += f" and {more} more"
+    return text
 
 
 def attach(factory: Any) -> EventLog:

@@ -6,7 +6,11 @@ keeps it serving its own users is refusing strangers cheaply, before any
 key exchange is spent on them: a cap on unauthenticated connections
 (MaxStartups, with random early drop), a cap per source address
 (PerSourceMaxStartups), and a growing refusal time for sources that fail
-authentication, send garbage or stall (PerSourcePenalties).
+authentication, send garbage or stall (PerSourcePenalties). After login, a
+token bucket bounds how fast one connection may do things that each cost
+the server log lines, events and work (forward add/cancel), and misses
+(circuit opens to names that do not exist) are penalised like failed logins,
+so that guessing a generated alias costs the guesser time.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Penalty seconds per kind of misbehaviour, and the bounds OpenSSH uses.
-PENALTIES = {"authfail": 5.0, "noauth": 1.0, "grace-exceeded": 10.0, "garbage": 10.0}
+# "miss": a circuit open to an unknown name, port or index (enumeration).
+PENALTIES = {
+    "authfail": 5.0,
+    "noauth": 1.0,
+    "grace-exceeded": 10.0,
+    "garbage": 10.0,
+    "miss": 2.0,
+}
 PENALTY_MIN = 15.0
 PENALTY_MAX = 600.0
 MAX_SOURCES = 65536
@@ -133,3 +144,33 @@ class Startups:
         else:
             self.by_source[source] = count - 1
         self.total = max(0, self.total - 1)
+
+
+@dataclass
+class TokenBucket:
+    """``burst`` actions at once, then ``rate`` a second: a per-connection budget.
+
+    Used where each action is cheap to ask for but costs the server more than
+    the asker (log lines, events, registry work), so that a loop of requests
+    runs at a bounded pace instead of as fast as the peer can send.
+    """
+
+    rate: float
+    burst: float
+    clock: Callable[[], float]
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+        self.stamp = self.clock()
+
+    def take(self) -> bool:
+        """Spend one token; False (and nothing spent) when the budget is used up."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True

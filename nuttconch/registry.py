@@ -19,7 +19,7 @@ from typing import Any
 from twisted.application.service import Service
 from zope.interface import Attribute, Interface, implementer
 
-from .names import split_index
+from .names import escape, split_index
 
 EPHEMERAL_PORTS = range(49152, 65536)
 
@@ -150,14 +150,17 @@ class InMemoryRegistry(Service):
     def resolve(self, target: str, port: int) -> tuple[Listener, str]:
         name, index = split_index(target.lower())
         holders = self._names.get(name)
+        # The name is the client's, unchecked: the message goes to logs and back to the
+        # client, so it is escaped here, where it is built, not by each reader.
+        shown = escape(name)
         if not holders:
-            raise NotFound(f"no such listener: {name}")
+            raise NotFound(f"no such listener: {shown}")
         if index >= len(holders):
-            raise NotFound(f"no such listener: {name}~{index} ({len(holders)} hold {name})")
+            raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown})")
         listener = holders[index]
         bind_host = listener.ports.get(port)
         if bind_host is None:
-            raise NotFound(f"no such port: {name} has no port {port}")
+            raise NotFound(f"no such port: {shown} has no port {port}")
         return listener, bind_host
 
     def listeners(self) -> list[Listener]:

@@ -27,6 +27,13 @@ from .names import escape
 log = Logger()
 MAX_PENDING_INPUT = 64 * 1024
 MAX_LINE = 1024
+# Output a session may hold beyond what the client's window lets us send. Conch appends
+# to one bytes buffer (each write copies all of it), so a client that never reads would
+# otherwise make every greeting line or echoed key cost memory and CPU without bound.
+MAX_PENDING_OUTPUT = 64 * 1024
+# Greeting sessions (shell without the admin shell) per connection; each is told of
+# every new virtual port, so their number multiplies the cost of a forward.
+MAX_GREETING_SESSIONS = 16
 
 
 class SwitchboardSession(conch_session.SSHSession):
@@ -79,6 +86,40 @@ class SwitchboardSession(conch_session.SSHSession):
     def eofReceived(self) -> None:
         if self.session is not None:
             self.session.eofReceived()
+
+    def write(self, data: bytes) -> None:
+        if not self._overflows(len(data)):
+            super().write(data)
+
+    def writeExtended(self, dataType: int, data: bytes) -> None:
+        if not self._overflows(len(data)):
+            super().writeExtended(dataType, data)
+
+    def _overflows(self, size: int) -> bool:
+        """Close the channel, dropping its output, when a client that is not reading
+        would leave more than MAX_PENDING_OUTPUT bytes queued on the server."""
+        if self.localClosed:
+            return True
+        pending = len(self.buf) + sum(len(chunk) for _, chunk in self.extBuf)
+        if pending:
+            queued = pending + size
+        else:
+            queued = size - max(0, self.remoteWindowLeft)
+        if queued <= MAX_PENDING_OUTPUT:
+            return False
+        avatar: Any = self.avatar
+        log.info(
+            "conn {conn_id}: session channel closed: its client read none of"
+            " {pending} bytes of output",
+            conn_id=avatar.info.conn_id,
+            pending=pending,
+        )
+        self.buf = b""
+        self.extBuf = []
+        self.closing = 1
+        if self.conn is not None:
+            self.conn.sendClose(self)
+        return True
 
 
 def _finish(proto: Any, code: int) -> None:
@@ -168,6 +209,14 @@ class SessionHandler:
             self.terminal = terminal
             return
         self._connect(proto, _Sink(self._greetingInput))
+        if len(self.avatar.sessions) >= MAX_GREETING_SESSIONS:
+            message = (
+                f"nuttconch: too many sessions on this connection"
+                f" (at most {MAX_GREETING_SESSIONS}); close one first\n"
+            )
+            proto.session.writeExtended(1, _crlf(message) if self.pty else message.encode())
+            _finish(proto, 1)
+            return
         self.greeting = True
         server, port = self._serverName
         text = commands.greeting(self.avatar, server, port)

@@ -17,7 +17,7 @@ from . import config as configmod
 from .auth import AuthorizedKeysChecker
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
-from .hostkeys import load_host_keys, load_or_create_secret
+from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
 from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
@@ -133,7 +133,11 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
 def makeService(options: Options) -> service.IService:
     cfg: configmod.Config = options["loaded"]
     raise_fd_limit()
-    factory, registry = build(cfg)
+    try:
+        factory, registry = build(cfg)
+    except HostKeyError as exc:
+        # One line naming the file, not a traceback (a loose mode, a bad or partial key).
+        raise SystemExit(f"nuttconch: {exc}") from None
     top = SwitchboardService(factory)
     registry.setServiceParent(top)
     internet.TimerService(KEYS_POLL_SECONDS, factory.checkKeys).setServiceParent(top)

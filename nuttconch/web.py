@@ -14,10 +14,16 @@ Routes (GET only; anything else is 405):
 It is off unless ``[metrics] listen`` is set, and a bare port listens on
 loopback only; it shows addresses and key fingerprints, so keep it there or
 behind an authenticating proxy.
+
+Every request must name this server in its Host header: a loopback address,
+``localhost``, or a name in ``[metrics] allowed_hosts``. Otherwise DNS
+rebinding would let any web page the operator opens (its own name, later
+resolving to 127.0.0.1) read the page and the JSON API through his browser.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -227,6 +233,60 @@ class StaticFile(_Leaf):
         return self.body
 
 
+def host_allowed(header: bytes | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names this server: loopback, localhost, or a configured name.
+
+    No Host header at all (HTTP/1.0 tools) is let through: a browser always sends one,
+    and only a browser can be made to carry a rebinding attack.
+    """
+    if header is None:
+        return True
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        host = text[1 : text.find("]")] if "]" in text else ""
+    else:
+        host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    host = host.rstrip(".")
+    if not host:
+        return False
+    if "*" in allowed or host in allowed:
+        return True
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Misdirected(_Leaf):
+    """The answer to every method and path when the Host header names another site."""
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(421)
+        _common_headers(request, b"text/plain; charset=utf-8")
+        return (
+            b"This host name is not served here. Use 127.0.0.1 or localhost, or add the"
+            b" name to [metrics] allowed_hosts.\n"
+        )
+
+
+class StatusSite(server.Site):
+    """A Site that answers only requests whose Host names this server."""
+
+    def __init__(self, root: resource.Resource, allowed_hosts: tuple[str, ...] = ()) -> None:
+        super().__init__(root)
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
+        self.misdirected = _Misdirected()
+
+    def getResourceFor(self, request: Any) -> Any:
+        if not host_allowed(request.getHeader(b"host"), self.allowed_hosts):
+            request.site = self
+            request.sitepath = request.prepath[:]
+            return self.misdirected
+        return super().getResourceFor(request)
+
+
 class Root(resource.Resource):
     def __init__(self, factory: Any, metrics: metricsmod.Metrics) -> None:
         super().__init__()
@@ -245,18 +305,34 @@ class Root(resource.Resource):
         return resource.NoResource()
 
 
-def site(factory: Any, metrics: metricsmod.Metrics) -> server.Site:
+def site(
+    factory: Any, metrics: metricsmod.Metrics, allowed_hosts: tuple[str, ...] = ()
+) -> server.Site:
     """The HTTP site; access logs off (scrapes every few seconds would flood the log)."""
-    s = server.Site(Root(factory, metrics))
+    s = StatusSite(Root(factory, metrics), allowed_hosts)
     s.log = lambda request: None  # type: ignore[method-assign]
     s.displayTracebacks = False
     return s
 
 
-def service(endpoint: str, factory: Any, metrics: metricsmod.Metrics) -> Any:
-    svc = strports.service(endpoint, site(factory, metrics))
+def service(
+    endpoint: str, factory: Any, metrics: metricsmod.Metrics, allowed_hosts: tuple[str, ...] = ()
+) -> Any:
+    svc = strports.service(endpoint, site(factory, metrics, allowed_hosts))
     svc.setName("metrics-http")
     return svc
+
+
+def listens_everywhere(endpoint: str) -> bool:
+    """Whether a tcp:, tcp6: or ssl: endpoint accepts connections on every address."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    interface = None
+    for part in endpoint.replace("\\:", "\0").split(":")[1:]:
+        if part.startswith("interface="):
+            interface = part[len("interface=") :].replace("\0", ":")
+    return interface is None or interface in ("", "0.0.0.0", "::", "0:0:0:0:0:0:0:0")
 
 
 def install(factory: Any, cfg: Any, parent: Any) -> None:
@@ -266,8 +342,8 @@ def install(factory: Any, cfg: Any, parent: Any) -> None:
     metrics = metricsmod.attach(factory, cfg.per_name_labels)
     events.attach(factory)
     if cfg.listen:
-        service(cfg.listen, factory, metrics).setServiceParent(parent)
-        if "interface=" not in cfg.listen and cfg.listen.startswith(("tcp:", "ssl:")):
+        service(cfg.listen, factory, metrics, cfg.allowed_hosts).setServiceParent(parent)
+        if listens_everywhere(cfg.listen):
             log.warn(
                 "[metrics] listen = {endpoint} listens on every address; the status page"
                 " shows addresses and key fingerprints",

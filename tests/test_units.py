@@ -82,6 +82,7 @@ DEFAULT_VALUES = {
     ),
     "listen": "",
     "per_name_labels": False,
+    "allowed_hosts": (),
     "url": "",
     "queue_size": 1000,
     "timeout": 10.0,
