@@ -12,12 +12,13 @@ user nothing.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.conch import error as conch_error
 from twisted.conch.ssh import keys, userauth
-from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.common import NS, getNS
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -112,6 +113,19 @@ class AuthorizedKeysChecker:
             key = keys.Key.fromString(credentials.blob, type="blob")
         except (keys.BadKeyError, ValueError) as exc:
             raise Refused(f"unsupported or malformed key: {exc}", reason="bad key") from None
+        if key.blob() != credentials.blob:
+            # Trailing bytes, an RSA number with a leading zero, a compressed
+            # ECDSA point: Conch reads them as the same key, but the lookup by
+            # blob would miss its line (and its from=, denied) and take the
+            # first-use path.
+            raise Refused(
+                "the public key blob is not in its canonical form", reason="bad key"
+            ) from None
+        if key.type() == "DSA":
+            raise Refused(
+                "DSA keys are not accepted (1024 bits and SHA-1); use an ed25519 key",
+                reason="weak key",
+            )
         if key.type() == "RSA" and key.size() < MIN_RSA_BITS:
             raise Refused(
                 f"RSA keys need at least {MIN_RSA_BITS} bits", reason="weak key"
@@ -120,6 +134,12 @@ class AuthorizedKeysChecker:
             raise Refused(
                 "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256/512",
                 reason="sha1 signature",
+            )
+        if credentials.algName not in key.supportedSignatureAlgorithms():
+            raise Refused(
+                f"signature algorithm {escape(credentials.algName[:64])} does not fit"
+                f" a {key.type()} key",
+                reason="bad algorithm",
             )
         blob = credentials.blob
         info.fingerprint = fingerprint(blob)
@@ -132,14 +152,19 @@ class AuthorizedKeysChecker:
                     "the server cannot read its authorized keys; try again later",
                     reason="authorized_keys unavailable",
                 ) from None
-            if entry is not None and entry.denied:
-                raise Refused("this key is denied", reason="denied")
-            if entry is not None and not authkeys.from_allows(entry, info.peer):
-                raise Refused(f"this key is not allowed from {info.peer}", reason="from")
-            if entry is None and not self.allow_new_clients:
+            if entry is not None:
+                self._enforce(entry, info)
+            elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
         if credentials.signature is None:
             raise conch_error.ValidPublicKey()
+        if _signature_algorithm(credentials.signature) != credentials.algName:
+            # Conch's verify picks the hash from the signature itself, so an
+            # ssh-rsa (SHA-1) signature would pass under an rsa-sha2-* request.
+            raise Refused(
+                "the signature algorithm differs from the one the request announced",
+                reason="bad signature",
+            )
         if not key.verify(credentials.signature, credentials.sigData):
             raise Refused("bad signature", reason="bad signature")
         if not self.enable_auth:
@@ -156,18 +181,24 @@ class AuthorizedKeysChecker:
             comment=f"{username}@{info.peer}",
         )
 
-        def appended(_: object) -> Identity:
-            log.info(
-                "conn {conn_id}: trusted new key {fingerprint} for {user} on first use",
-                conn_id=info.conn_id,
-                fingerprint=fingerprint(entry.blob),
-                user=username,
-            )
-            current = self.keys_file.lookup(entry.blob) or entry
-            if current.denied:
-                raise Refused("this key is denied", reason="denied")
+        def appended(current: authkeys.AuthorizedKey | None) -> Identity:
+            # ``current`` is what the file said under the append's own lock:
+            # the line written, or one that appeared since the probe (an
+            # administrator's, or the same key's from a concurrent login).
+            # It gets the whole policy, exactly like a line found at probe.
+            if current is None:
+                raise Refused("this key is not authorized", reason="unknown key")
+            self._enforce(current, info)
+            new = current.lineno != 0 and current == entry
+            if new:
+                log.info(
+                    "conn {conn_id}: trusted new key {fingerprint} for {user} on first use",
+                    conn_id=info.conn_id,
+                    fingerprint=fingerprint(entry.blob),
+                    user=username,
+                )
             identity = self._identity(username, key, current, current.access - {"denied"}, info)
-            return Identity(**{**identity.__dict__, "new_key": True})
+            return Identity(**{**identity.__dict__, "new_key": new})
 
         def failed(reason: Failure) -> Identity:
             reason.trap(OSError, authkeys.AuthorizedKeyError)
@@ -182,6 +213,16 @@ class AuthorizedKeysChecker:
         d = threads.deferToThread(self.keys_file.append, entry)
         d.addCallbacks(appended, failed)
         return d
+
+    @staticmethod
+    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo) -> None:
+        """Every option of ``entry`` that can refuse a login, for any path to a login."""
+        if entry.denied:
+            raise Refused("this key is denied", reason="denied")
+        if entry.cert_authority:
+            raise Refused("this key is not authorized", reason="unknown key")
+        if not authkeys.from_allows(entry, info.peer):
+            raise Refused(f"this key is not allowed from {info.peer}", reason="from")
 
     def _identity(
         self,
@@ -214,6 +255,15 @@ class AuthorizedKeysChecker:
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
         )
+
+
+def _signature_algorithm(signature: bytes) -> bytes | None:
+    """The algorithm name a signature blob says it was made with, or None if unreadable."""
+    try:
+        name, _ = getNS(signature)
+    except (struct.error, IndexError, ValueError):
+        return None
+    return name
 
 
 class _PortalProxy:

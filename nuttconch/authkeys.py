@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -779,9 +780,7 @@ class AuthorizedKeysFile:
             text = _decode(data)
             entries, errors = parse_text(text)
             lines = text.split("\n")
-            self._tainted = {
-                token: lineno for lineno, _ in errors for token in _b64_tokens(lines[lineno - 1])
-            }
+            self._tainted = _tainted_tokens(lines, errors)
             self._entries = entries
             self._signature = _signature(st)
             self._digest = digest
@@ -832,25 +831,9 @@ class AuthorizedKeysFile:
         key. Raises `AuthorizedKeysUnavailable` like `entries`.
         """
         entries = self.entries()
-        matching = [e for e in entries if e.blob == blob]
-        for entry in matching:
-            if entry.denied:
-                return entry
         with self._lock:
-            bad_lineno = self._tainted.get(base64.b64encode(blob).decode("ascii"))
-        if bad_lineno is not None:
-            keytype = _wire_strings_safe_type(blob)
-            return AuthorizedKey(
-                (("access", "denied"),),
-                keytype,
-                blob,
-                f"line {bad_lineno} could not be parsed",
-                bad_lineno,
-            )
-        for entry in matching:
-            if not entry.cert_authority:
-                return entry
-        return None
+            tainted = self._tainted
+        return _resolve([e for e in entries if e.blob == blob], tainted, blob)
 
     # -- writing ----------------------------------------------------------
 
@@ -886,9 +869,15 @@ class AuthorizedKeysFile:
                 raise
             os.close(fd)
 
-    def append(self, entry: AuthorizedKey) -> None:
+    def append(self, entry: AuthorizedKey) -> AuthorizedKey | None:
         """
         Append ``entry`` for trust on first use, atomically and durably.
+
+        Returns the entry that now applies to the key, decided from the
+        bytes read under the lock (as `lookup` would): ``entry`` itself
+        when it was written, otherwise the line already there (maybe denied,
+        or with a ``from=``), so the caller judges the login on what the
+        file says at that moment and never on an older view.
 
         Under an exclusive ``flock``, the file is re-read and nothing is
         written if the key is already there (on any line, even one that
@@ -903,8 +892,11 @@ class AuthorizedKeysFile:
         fd = self._open_locked(os.O_RDWR | os.O_APPEND)
         try:
             data = _read_fd(fd)
-            if token in _b64_tokens(_decode(data)):
-                return
+            text = _decode(data)
+            if token in _b64_tokens(text):
+                entries, errors = parse_text(text)
+                tainted = _tainted_tokens(text.split("\n"), errors)
+                return _resolve([e for e in entries if e.blob == entry.blob], tainted, entry.blob)
             size = len(data)
             payload = (line + "\n").encode("utf-8")
             if data and not data.endswith(b"\n"):
@@ -921,6 +913,8 @@ class AuthorizedKeysFile:
                 except OSError:
                     self._log.failure("could not undo a failed append to {path}", path=self.path)
                 raise
+            lineno = text.count("\n") + (2 if text and not text.endswith("\n") else 1)
+            return dataclasses.replace(entry, lineno=lineno)
         finally:
             os.close(fd)  # also releases the flock
 
@@ -930,7 +924,8 @@ class AuthorizedKeysFile:
 
         ``lines`` are the raw lines without their ``\\n`` (a ``\\r`` stays,
         undecodable bytes survive as surrogate escapes), so comments and
-        lines this module does not understand come back byte for byte. The
+        lines this module does not understand come back byte for byte; a
+        leading UTF-8 BOM is kept out of line 1 and written back. The
         new content goes to a temporary file in the same directory with the
         old mode, is fsynced and renamed over the old file, all under the
         same ``flock`` `append` uses. Lines must not contain ``\\n``.
@@ -939,6 +934,11 @@ class AuthorizedKeysFile:
         try:
             st = os.fstat(fd)
             text = _read_fd(fd).decode("utf-8", "surrogateescape")
+            # A BOM (some Windows editors write one) is not part of line 1:
+            # the reader skips it, so the edit must too, or it would not
+            # recognise the first key; it is put back in front afterwards.
+            bom = "\ufeff" if text.startswith("\ufeff") else ""
+            text = text[len(bom) :]
             lines = text.split("\n")
             if lines and lines[-1] == "":
                 lines.pop()
@@ -946,7 +946,7 @@ class AuthorizedKeysFile:
             for new_line in new_lines:
                 if "\n" in new_line:
                     raise ValueError("rewrite: a line must not contain a newline")
-            new_text = "".join(x + "\n" for x in new_lines)
+            new_text = bom + "".join(x + "\n" for x in new_lines)
             directory = os.path.dirname(os.path.abspath(self.path))
             tmp_fd, tmp_path = tempfile.mkstemp(
                 dir=directory, prefix="." + os.path.basename(self.path) + "."
@@ -975,6 +975,33 @@ class AuthorizedKeysFile:
             _fsync_dir(directory)
         finally:
             os.close(fd)
+
+
+def _resolve(
+    matching: list[AuthorizedKey], tainted: dict[str, int], blob: bytes
+) -> AuthorizedKey | None:
+    """The entry that applies to ``blob`` among its lines ``matching``; see `lookup`."""
+    for entry in matching:
+        if entry.denied:
+            return entry
+    bad_lineno = tainted.get(base64.b64encode(blob).decode("ascii"))
+    if bad_lineno is not None:
+        return AuthorizedKey(
+            (("access", "denied"),),
+            _wire_strings_safe_type(blob),
+            blob,
+            f"line {bad_lineno} could not be parsed",
+            bad_lineno,
+        )
+    for entry in matching:
+        if not entry.cert_authority:
+            return entry
+    return None
+
+
+def _tainted_tokens(lines: list[str], errors: list[tuple[int, str]]) -> dict[str, int]:
+    """Base64 tokens of lines that failed to parse, with their line numbers."""
+    return {token: lineno for lineno, _ in errors for token in _b64_tokens(lines[lineno - 1])}
 
 
 def _wire_strings_safe_type(blob: bytes) -> str:

@@ -1,0 +1,295 @@
+"""Attacks on authentication and authorized_keys from the security review (issue 9).
+
+Each test performs the attack with a crafted client (tests/rawssh.py) or the
+real ``ssh`` against a running server, and asserts on what the attacker and
+the operator see: whether the login succeeds, the refusal text, the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa
+from twisted.conch.ssh import keys
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from nuttconch import authkeys
+
+from .harness import SwitchboardTestMixin
+from .rawssh import NS, connect_client
+from .test_threats import LogCapture
+
+MSG_USERAUTH_REQUEST = 50
+MSG_USERAUTH_FAILURE = 51
+MSG_USERAUTH_SUCCESS = 52
+MSG_USERAUTH_PK_OK = 60
+
+
+def signed_request(
+    sessionID: bytes,
+    user: bytes,
+    key: keys.Key,
+    *,
+    blob: bytes | None = None,
+    alg: bytes | None = None,
+    sig_alg: bytes | None = None,
+) -> bytes:
+    """A signed publickey USERAUTH_REQUEST payload in which the attacker picks the blob
+    sent (``blob``), the algorithm announced (``alg``) and the one used to sign (``sig_alg``)."""
+    blob = key.public().blob() if blob is None else blob
+    alg = key.sshType() if alg is None else alg
+    body = NS(user) + NS(b"ssh-connection") + NS(b"publickey") + b"\x01" + NS(alg) + NS(blob)
+    sigData = NS(sessionID) + bytes([MSG_USERAUTH_REQUEST]) + body
+    signature = key.sign(sigData, signatureType=sig_alg) if sig_alg else key.sign(sigData)
+    return body + NS(signature)
+
+
+def _mpint_with_leading_zero(blob: bytes, index: int) -> bytes:
+    """Re-encode wire string ``index`` of ``blob`` with one more leading zero byte."""
+    parts = []
+    rest = blob
+    while rest:
+        (n,) = struct.unpack(">L", rest[:4])
+        parts.append(rest[4 : 4 + n])
+        rest = rest[4 + n :]
+    parts[index] = b"\0" + parts[index]
+    return b"".join(NS(p) for p in parts)
+
+
+def altered_blobs(key: keys.Key) -> dict[str, bytes]:
+    """Blobs Conch parses as ``key`` although they are not its canonical blob."""
+    blob = key.public().blob()
+    variants = {"trailing bytes": blob + b"\0\0\0\0", "trailing string": blob + NS(b"x")}
+    if key.type() == "RSA":
+        variants["RSA e with a leading zero"] = _mpint_with_leading_zero(blob, 1)
+        variants["RSA n with a leading zero"] = _mpint_with_leading_zero(blob, 2)
+    if key.type() == "EC":
+        point = key._keyObject.public_key().public_bytes(  # type: ignore[union-attr]
+            serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+        )
+        variants["compressed ECDSA point"] = NS(key.sshType()) + NS(b"nistp256") + NS(point)
+    for name, variant in variants.items():
+        assert variant != blob
+        assert keys.Key.fromString(variant, type="blob").blob() == blob, name
+    return variants
+
+
+class AuthAttackTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9, points 1 and 9: altered key blobs and signature algorithm games."""
+
+    def setUp(self) -> Any:
+        result = super().setUp()
+        self.logs = LogCapture().start(self)
+        return result
+
+    def readKeys(self) -> bytes:
+        with open(self.akfile, "rb") as handle:
+            return handle.read()
+
+    @defer.inlineCallbacks
+    def attempt(self, user: bytes, request_for: Any) -> Any:
+        """Send one signed request built by ``request_for(sessionID)``; the reply and banner."""
+        c = yield connect_client(self.port, stage="userauth", user=user)
+        self.addCleanup(c.close)
+        c.sendPacket(MSG_USERAUTH_REQUEST, request_for(c.sessionID))
+        num, payload = yield c.inbox.expect(
+            (MSG_USERAUTH_FAILURE, MSG_USERAUTH_SUCCESS), timeout=10
+        )
+        banners = b"".join(p for n, p in c.inbox.messages if n == 53)
+        c.close()
+        return num, banners
+
+    @defer.inlineCallbacks
+    def test_9_1_from_bypass_with_altered_blob(self) -> Any:
+        """9.1: a key whose line says from="10.0.0.0/8" (admin included) sends its blob with
+        trailing bytes, leading zeros or a compressed point from 127.0.0.1: refused, and the
+        file is left alone; the canonical blob is refused by from= as before."""
+        options = 'from="10.0.0.0/8",access="admin",access="listen",access="initiate"'
+        for kind in ("ed25519", "ecdsa", "rsa"):
+            path = self.key(f"remote-{kind}", kind, options=options)
+            key = keys.Key.fromFile(path)
+            before = self.readKeys()
+            alg = b"rsa-sha2-256" if kind == "rsa" else None
+            num, banner = yield self.attempt(
+                b"mallory",
+                lambda s, k=key, a=alg: signed_request(s, b"mallory", k, alg=a, sig_alg=a),
+            )
+            self.assertEqual(num, MSG_USERAUTH_FAILURE)
+            self.assertIn(b"not allowed from 127.0.0.1", banner)
+            for name, blob in altered_blobs(key).items():
+                num, banner = yield self.attempt(
+                    b"mallory",
+                    lambda s, k=key, b=blob, a=alg: signed_request(
+                        s, b"mallory", k, blob=b, alg=a, sig_alg=a
+                    ),
+                )
+                self.assertEqual(num, MSG_USERAUTH_FAILURE, f"{kind}: {name} logged in")
+                self.assertIn(b"not in its canonical form", banner, name)
+                self.assertEqual(self.readKeys(), before, name)
+        self.assertEqual(self.factory.portal.realm.avatars, 0)
+        self.assertIn("login refused for mallory: bad key", self.logs.out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_9_9_sha1_signature_under_sha2_name(self) -> Any:
+        """9.9: the request announces rsa-sha2-256/512 but the signature inside is ssh-rsa
+        (SHA-1): refused; an honest rsa-sha2-256 signature logs in."""
+        path = self.key("rsa-user", "rsa", options='access="listen"')
+        key = keys.Key.fromFile(path)
+        for announced in (b"rsa-sha2-256", b"rsa-sha2-512"):
+            num, banner = yield self.attempt(
+                b"rsa-user",
+                lambda s, a=announced: signed_request(
+                    s, b"rsa-user", key, alg=a, sig_alg=b"ssh-rsa"
+                ),
+            )
+            self.assertEqual(num, MSG_USERAUTH_FAILURE, announced)
+            self.assertIn(b"signature algorithm", banner)
+        num, banner = yield self.attempt(
+            b"rsa-user",
+            lambda s: signed_request(
+                s, b"rsa-user", key, alg=b"rsa-sha2-512", sig_alg=b"rsa-sha2-256"
+            ),
+        )
+        self.assertEqual(num, MSG_USERAUTH_FAILURE)
+        num, banner = yield self.attempt(
+            b"rsa-user",
+            lambda s: signed_request(
+                s, b"rsa-user", key, alg=b"rsa-sha2-256", sig_alg=b"rsa-sha2-256"
+            ),
+        )
+        self.assertEqual(num, MSG_USERAUTH_SUCCESS, banner)
+
+    @defer.inlineCallbacks
+    def test_9_9_dsa_not_trusted_on_first_use(self) -> Any:
+        """9.9: a DSA key (SHA-1, 1024 bits) is refused with a clear message and never written
+        to authorized_keys."""
+        key = keys.Key(dsa.generate_private_key(1024))
+        before = self.readKeys()
+        num, banner = yield self.attempt(b"olddsa", lambda s: signed_request(s, b"olddsa", key))
+        self.assertEqual(num, MSG_USERAUTH_FAILURE)
+        self.assertIn(b"DSA keys are not accepted", banner)
+        self.assertEqual(self.readKeys(), before)
+        self.assertEqual(self.factory.portal.realm.avatars, 0)
+
+
+class BomTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9 point 8: authorized_keys saved with a UTF-8 BOM in front of line 1."""
+
+    def setUp(self) -> Any:
+        result = super().setUp()
+        self.dev = self.key("dev")
+        with open(self.dev + ".pub") as handle:
+            self.devPublic = " ".join(handle.read().split()[:2])
+        self.fp = authkeys.fingerprint_of(keys.Key.fromFile(self.dev).public().blob())
+        with open(self.akfile, "wb") as handle:
+            handle.write(b"\xef\xbb\xbf" + f'access="initiate" {self.devPublic} dev\n'.encode())
+        self.root = self.key("root", options='access="admin"')
+        return result
+
+    def devLines(self) -> tuple[bytes, list[authkeys.AuthorizedKey]]:
+        with open(self.akfile, "rb") as handle:
+            data = handle.read()
+        entries, _ = authkeys.parse_text(data.decode("utf-8"))
+        return data, [e for e in entries if e.fingerprint == self.fp]
+
+    @defer.inlineCallbacks
+    def test_9_8_ban_grant_revoke_find_line_one(self) -> Any:
+        """ban, grant and revoke change the key on line 1 behind a BOM (it loses its access),
+        and the BOM stays in front of the file."""
+        out, err, code = yield self.ssh(self.dev, "dev", command=("whoami",))
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.ssh(self.root, "root", command=("ban", self.fp))
+        self.assertEqual(code, 0, err)
+        data, lines = self.devLines()
+        self.assertTrue(data.startswith(b"\xef\xbb\xbf" + b'access="denied"'), data[:40])
+        self.assertEqual([(e.lineno, e.access) for e in lines], [(1, frozenset({"denied"}))])
+        out, err, code = yield self.ssh(self.dev, "dev", command=("whoami",))
+        self.assertEqual(code, 255)
+        self.assertIn(b"this key is denied", err)
+        out, err, code = yield self.ssh(self.root, "root", command=("grant", self.fp, "list"))
+        self.assertEqual(code, 0, err)
+        data, lines = self.devLines()
+        self.assertTrue(data.startswith(b"\xef\xbb\xbf"))
+        self.assertEqual([(e.lineno, e.access) for e in lines], [(1, frozenset({"list"}))])
+        out, err, code = yield self.ssh(self.root, "root", command=("revoke", self.fp))
+        self.assertEqual(code, 0, err)
+        data, lines = self.devLines()
+        self.assertEqual(lines, [])
+        self.assertTrue(data.startswith(b"\xef\xbb\xbf"))
+        self.assertEqual(len(data.splitlines()), 1)
+
+
+class _Credentials:
+    """ISSHPrivateKey as Conch builds it for a signed request."""
+
+    def __init__(self, key: keys.Key, user: bytes, peer: str) -> None:
+        from nuttconch.auth import ConnectionInfo
+
+        self.username = user
+        self.algName = key.sshType()
+        self.blob = key.public().blob()
+        self.sigData = b"session data"
+        self.signature = key.sign(self.sigData)
+        self.connection = ConnectionInfo(peer)
+
+
+class FirstUseRaceTests(unittest.TestCase):
+    """Issue 9 points 1 and 4: the entry a first-use append finds gets the whole policy."""
+
+    def setUp(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from nuttconch.auth import AuthorizedKeysChecker
+
+        self.path = os.path.join(os.path.abspath(self.mktemp()))
+        self.key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+        self.public = self.key.public().toString("openssh").decode()
+        self.keysFile = authkeys.AuthorizedKeysFile(self.path)
+        self.keysFile.ensure_exists()
+        self.checker = AuthorizedKeysChecker(self.keysFile, b"s" * 32)
+
+    def lineAppearsAfterProbe(self, line: str) -> None:
+        """The probe saw no line for the key; the line is written before the append runs."""
+        realLookup = self.keysFile.lookup
+
+        def lookup(blob: bytes, **kw: Any) -> Any:
+            self.keysFile.lookup = realLookup  # type: ignore[method-assign]
+            result = realLookup(blob, **kw)
+            with open(self.path, "a") as handle:
+                handle.write(line + "\n")
+            return result
+
+        self.keysFile.lookup = lookup  # type: ignore[method-assign]
+
+    @defer.inlineCallbacks
+    def test_from_of_a_line_found_by_the_append(self) -> Any:
+        """A from="10.0.0.0/8" line that the append finds refuses a login from 127.0.0.1."""
+        from nuttconch.auth import Refused
+
+        self.lineAppearsAfterProbe(f'from="10.0.0.0/8",access="admin" {self.public} ops')
+        d = self.checker.requestAvatarId(_Credentials(self.key, b"m", "127.0.0.1"))
+        failure = yield self.assertFailure(d, Refused)
+        self.assertIn("not allowed from 127.0.0.1", failure.message)
+
+    @defer.inlineCallbacks
+    def test_denied_line_found_by_the_append(self) -> Any:
+        """A ban written meanwhile (access="denied") refuses, whatever view the probe had."""
+        from nuttconch.auth import Refused
+
+        self.lineAppearsAfterProbe(f'access="denied" {self.public} banned')
+        d = self.checker.requestAvatarId(_Credentials(self.key, b"m", "127.0.0.1"))
+        failure = yield self.assertFailure(d, Refused)
+        self.assertIn("denied", failure.message)
+
+    @defer.inlineCallbacks
+    def test_new_key_is_written_and_returned(self) -> Any:
+        """Without a line, first use writes one and the identity comes from it."""
+        identity = yield self.checker.requestAvatarId(_Credentials(self.key, b"m", "127.0.0.1"))
+        self.assertTrue(identity.new_key)
+        self.assertEqual(identity.access, frozenset(authkeys.TOFU_ACCESS))
+        self.assertEqual(identity.lineno, 1)
+        self.assertIsNotNone(self.keysFile.lookup(self.key.public().blob()))
