@@ -232,29 +232,43 @@ class AuthorizedKeysChecker:
         access: frozenset[str],
         info: ConnectionInfo,
     ) -> Identity:
-        hostname = username
-        extra: list[str] = []
-        if entry is not None:
-            try:
-                if entry.hostname:
-                    hostname = normalise(entry.hostname, "hostname option")
-                extra = [normalise(a, "alias option") for a in entry.aliases]
-            except InvalidName as exc:
-                raise Refused(
-                    f"authorized_keys line {entry.lineno}: {exc}", reason="bad option"
-                ) from None
         blob = key.blob()
-        aliases = (generated_alias(self.secret, blob, hostname), *extra)
+        try:
+            hostname, aliases = login_names(self.secret, username, blob, entry)
+        except InvalidName as exc:
+            lineno = entry.lineno if entry is not None else 0
+            raise Refused(f"authorized_keys line {lineno}: {exc}", reason="bad option") from None
         return Identity(
             username=username,
             hostname=hostname,
-            aliases=tuple(dict.fromkeys(aliases)),
+            aliases=aliases,
             access=frozenset(access),
             fingerprint=fingerprint(blob),
             key_blob=blob,
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
         )
+
+
+def login_names(
+    secret: bytes, username: str, blob: bytes, entry: authkeys.AuthorizedKey | None
+) -> tuple[str, tuple[str, ...]]:
+    """
+    The hostname and aliases a login with ``entry`` gets, generated alias first.
+
+    One function for the login and for the key watcher, so the watcher
+    compares the names a login would build now with the ones it built then:
+    a repeated alias or one equal to the generated alias is folded the same
+    way both times. Raises `InvalidName` for a bad ``hostname=``/``alias=``.
+    """
+    hostname = username
+    extra: list[str] = []
+    if entry is not None:
+        if entry.hostname:
+            hostname = normalise(entry.hostname, "hostname option")
+        extra = [normalise(a, "alias option") for a in entry.aliases]
+    aliases = (generated_alias(secret, blob, hostname), *extra)
+    return hostname, tuple(dict.fromkeys(aliases))
 
 
 def _signature_algorithm(signature: bytes) -> bytes | None:

@@ -18,10 +18,11 @@ from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 
 from . import authkeys
-from .auth import SwitchboardUserAuth
+from .auth import SwitchboardUserAuth, login_names
 from .connection import SwitchboardConnection
 from .limits import Penalties, Startups
 from .logs import conch_logger
+from .names import InvalidName
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -207,9 +208,15 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key no longer allowed from this address"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
-        if entry.hostname and entry.hostname.lower() != identity.hostname:
+        try:
+            hostname, aliases = login_names(
+                self.checker.secret, identity.username, identity.key_blob, entry
+            )
+        except InvalidName:
+            return "key's hostname or alias is no longer valid"
+        if hostname != identity.hostname:
             return "key's hostname changed"
-        if tuple(a.lower() for a in entry.aliases) != identity.aliases[1:]:
+        if aliases != identity.aliases:
             return "key's aliases changed"
         return None
 

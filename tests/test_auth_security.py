@@ -293,3 +293,59 @@ class FirstUseRaceTests(unittest.TestCase):
         self.assertEqual(identity.access, frozenset(authkeys.TOFU_ACCESS))
         self.assertEqual(identity.lineno, 1)
         self.assertIsNotNone(self.keysFile.lookup(self.key.public().blob()))
+
+
+class AliasWatchTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9 point 7: the key watcher compares names as the login builds them."""
+
+    def setUp(self) -> Any:
+        result = super().setUp()
+        self.logs = LogCapture().start(self)
+        return result
+
+    def publicOf(self, path: str) -> str:
+        with open(path + ".pub") as handle:
+            return " ".join(handle.read().split()[:2])
+
+    @defer.inlineCallbacks
+    def login(self, path: str, user: bytes) -> Any:
+        c = yield connect_client(self.port, key=path, user=user)
+        self.addCleanup(c.close)
+        self.assertTrue(c.authenticated, c.banner)
+        return c
+
+    @defer.inlineCallbacks
+    def test_9_7_stranger_does_not_kick_repeated_alias(self) -> Any:
+        """A repeated alias and an alias equal to the generated one survive a stranger's
+        first-use login; removing hostname= closes the connection whose names changed."""
+        from nuttconch.names import generated_alias
+
+        repeat = self.key("repeat", options='alias="prod",alias="prod",access="listen"')
+        same = self.key("same")
+        blob = keys.Key.fromFile(same).public().blob()
+        mine = generated_alias(self.factory.checker.secret, blob, "same")
+        self.addAuthorized(self.publicOf(same), f'alias="{mine}",access="listen"', "same")
+        named = self.key("named", options='hostname="web",access="listen"')
+        clients = [
+            (yield self.login(repeat, b"repeat")),
+            (yield self.login(same, b"same")),
+            (yield self.login(named, b"named")),
+        ]
+        # A stranger's first use appends a line: a change the watcher reads.
+        stranger = yield self.login(self.key("stranger"), b"stranger")
+        stranger.close()
+        self.factory.checkKeys()
+        yield self.waitFor(lambda: "new key" in self.logs.out.getvalue(), what="first use")
+        # Drop hostname= from the named key's line.
+        with open(self.akfile) as handle:
+            text = handle.read()
+        with open(self.akfile + ".new", "w") as handle:
+            handle.write(text.replace('hostname="web",', ""))
+        os.replace(self.akfile + ".new", self.akfile)
+        self.factory.checkKeys()
+        yield clients[2].waitLost(10)
+        self.assertIn(b"key's hostname changed", clients[2].disconnect[1])
+        log = self.logs.out.getvalue()
+        self.assertNotIn("aliases changed", log)
+        self.assertFalse(clients[0].isLost)
+        self.assertFalse(clients[1].isLost)
