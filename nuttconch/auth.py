@@ -13,6 +13,8 @@ user nothing.
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import authkeys
+from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
 
@@ -79,6 +82,81 @@ class ConnectionInfo:
 fingerprint = authkeys.fingerprint_of
 
 
+class FirstUseLimiter:
+    """
+    Bounds trust on first use: per source, overall, and in total.
+
+    Every first-use login appends a line that every later reload and the
+    key watcher pay for, and anyone can make keys; token buckets (refilled
+    per minute, bursting to the same number) bound how fast strangers can
+    grow the file, and ``max_keys`` bounds how far: past it, only keys an
+    administrator added log in. Sources are grouped as penalties group them
+    (an IPv6 /64 counts as one).
+    """
+
+    def __init__(
+        self,
+        per_source: int = 60,
+        overall: int = 300,
+        max_keys: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_source = per_source
+        self.overall = overall
+        self.max_keys = max_keys
+        self.clock = clock
+        self._sources: dict[str, tuple[float, float]] = {}
+        self._all = (float(overall), clock())
+
+    @staticmethod
+    def _level(bucket: tuple[float, float], rate: int, now: float) -> float:
+        tokens, then = bucket
+        return min(float(rate), tokens + (now - then) * rate / 60.0)
+
+    def refusal(self, peer: str, first_use_keys: int) -> str | None:
+        """Why a new key from ``peer`` may not be trusted now, or None if it may."""
+        if first_use_keys >= self.max_keys:
+            return (
+                "this server trusts no more new keys (its first-use limit is reached);"
+                " ask its operator to add yours"
+            )
+        now = self.clock()
+        if self._level(self._all, self.overall, now) < 1:
+            return "too many new keys are arriving; try again in a minute"
+        bucket = self._sources.get(source_of(peer))
+        if bucket is not None and self._level(bucket, self.per_source, now) < 1:
+            return "too many new keys from your address; try again later"
+        return None
+
+    def take(self, peer: str) -> None:
+        """Spend one token of ``peer``'s source and one of the overall bucket."""
+        now = self.clock()
+        source = source_of(peer)
+        if source not in self._sources and len(self._sources) >= MAX_SOURCES:
+            full = float(self.per_source)
+            self._sources = {
+                k: v
+                for k, v in self._sources.items()
+                if self._level(v, self.per_source, now) < full
+            }
+        bucket = self._sources.get(source, (float(self.per_source), now))
+        self._sources[source] = (self._level(bucket, self.per_source, now) - 1, now)
+        self._all = (self._level(self._all, self.overall, now) - 1, now)
+
+
+def _refuse_unavailable(reason: Failure) -> None:
+    reason.trap(authkeys.AuthorizedKeysUnavailable)
+    if isinstance(reason.value, authkeys.AuthorizedKeysBusy):
+        raise Refused(
+            "the server's authorized keys are being changed; try again",
+            reason="authorized_keys busy",
+        )
+    raise Refused(
+        "the server cannot read its authorized keys; try again later",
+        reason="authorized_keys unavailable",
+    )
+
+
 @implementer(ICredentialsChecker)
 class AuthorizedKeysChecker:
     """Authenticates keys against the switchboard's own authorized_keys file."""
@@ -92,11 +170,13 @@ class AuthorizedKeysChecker:
         *,
         enable_auth: bool = True,
         allow_new_clients: bool = True,
+        first_use: FirstUseLimiter | None = None,
     ) -> None:
         self.keys_file = keys_file
         self.secret = secret
         self.enable_auth = enable_auth
         self.allow_new_clients = allow_new_clients
+        self.first_use = first_use if first_use is not None else FirstUseLimiter()
         self.calls = 0
 
     def requestAvatarId(self, credentials: Any) -> Any:
@@ -105,6 +185,32 @@ class AuthorizedKeysChecker:
 
     def _check(self, credentials: Any) -> Any:
         info: ConnectionInfo = getattr(credentials, "connection", None) or ConnectionInfo("?")
+        username, key = self._screen(credentials, info)
+        if not self.enable_auth:
+            return self._decide(credentials, info, username, key, None)
+        fresh, entry = self.keys_file.cached_lookup(credentials.blob)
+        if fresh:
+            return self._decide(credentials, info, username, key, entry)
+        if self.keys_file.reload_cost() <= authkeys.INLINE_RELOAD_BYTES:
+            # A small change: read it here, unless a writer holds the lock.
+            try:
+                entry = self.keys_file.lookup(credentials.blob, 0.0, stale=False)
+            except authkeys.AuthorizedKeysBusy:
+                pass
+            except authkeys.AuthorizedKeysUnavailable:
+                _refuse_unavailable(Failure())
+            else:
+                return self._decide(credentials, info, username, key, entry)
+        # The file changed since the last look: read it in a thread (a big
+        # file must not stall the reactor) and wait there for a writer's
+        # lock, so that the login is decided on what the file says now.
+        d = threads.deferToThread(self.keys_file.lookup, credentials.blob, authkeys.LOGIN_LOCK_WAIT)
+        d.addErrback(_refuse_unavailable)
+        d.addCallback(lambda found: self._decide(credentials, info, username, key, found))
+        return d
+
+    def _screen(self, credentials: Any, info: ConnectionInfo) -> tuple[str, keys.Key]:
+        """What is refused whatever the file says: bad names, keys and algorithms."""
         try:
             username = normalise(credentials.username, "user name")
         except InvalidName as exc:
@@ -141,21 +247,24 @@ class AuthorizedKeysChecker:
                 f" a {key.type()} key",
                 reason="bad algorithm",
             )
-        blob = credentials.blob
-        info.fingerprint = fingerprint(blob)
-        entry: authkeys.AuthorizedKey | None = None
+        info.fingerprint = fingerprint(credentials.blob)
+        return username, key
+
+    def _decide(
+        self,
+        credentials: Any,
+        info: ConnectionInfo,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+    ) -> Any:
         if self.enable_auth:
-            try:
-                entry = self.keys_file.lookup(blob)
-            except authkeys.AuthorizedKeysUnavailable:
-                raise Refused(
-                    "the server cannot read its authorized keys; try again later",
-                    reason="authorized_keys unavailable",
-                ) from None
             if entry is not None:
                 self._enforce(entry, info)
             elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
+            else:
+                self._first_use_allowed(info)
         if credentials.signature is None:
             raise conch_error.ValidPublicKey()
         if _signature_algorithm(credentials.signature) != credentials.algName:
@@ -170,8 +279,14 @@ class AuthorizedKeysChecker:
         if not self.enable_auth:
             return self._identity(username, key, None, ALL_ACCESS, info)
         if entry is None:
+            self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
         return self._identity(username, key, entry, entry.access - {"denied"}, info)
+
+    def _first_use_allowed(self, info: ConnectionInfo) -> None:
+        why = self.first_use.refusal(info.peer, self.keys_file.first_use_count)
+        if why is not None:
+            raise Refused(why, reason="first-use limit")
 
     def _trust_on_first_use(self, username: str, key: keys.Key, info: ConnectionInfo) -> Any:
         entry = authkeys.AuthorizedKey(

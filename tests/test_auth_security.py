@@ -256,9 +256,9 @@ class FirstUseRaceTests(unittest.TestCase):
         """The probe saw no line for the key; the line is written before the append runs."""
         realLookup = self.keysFile.lookup
 
-        def lookup(blob: bytes, **kw: Any) -> Any:
+        def lookup(blob: bytes, *args: Any, **kw: Any) -> Any:
             self.keysFile.lookup = realLookup  # type: ignore[method-assign]
-            result = realLookup(blob, **kw)
+            result = realLookup(blob, *args, **kw)
             with open(self.path, "a") as handle:
                 handle.write(line + "\n")
             return result
@@ -349,3 +349,233 @@ class AliasWatchTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertNotIn("aliases changed", log)
         self.assertFalse(clients[0].isLost)
         self.assertFalse(clients[1].isLost)
+
+
+class LockRaceTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9 point 4: a ban written while the file's lock is held is not ignored."""
+
+    @defer.inlineCallbacks
+    def login(self, path: str, user: bytes) -> Any:
+        c = yield connect_client(self.port, key=path, user=user)
+        c.close()
+        return c
+
+    def holdLock(self) -> int:
+        """What a busy first-use appender does: hold the exclusive flock."""
+        import fcntl
+
+        fd = os.open(self.akfile, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.addCleanup(lambda: os.close(fd) if fd in self.held else None)
+        self.held.add(fd)
+        return fd
+
+    def release(self, fd: int) -> None:
+        self.held.discard(fd)
+        os.close(fd)
+
+    def banInPlace(self, path: str) -> None:
+        """An editor rewrites the key's line in place (same size), without flock."""
+        with open(self.akfile, "rb") as handle:
+            data = handle.read()
+        public = self.publicOf(path).encode()
+        start = data.index(public)
+        lineStart = data.rfind(b"\n", 0, start) + 1
+        line = data[lineStart:start]
+        self.assertEqual(line, b'access="listen" ')
+        with open(self.akfile, "r+b") as handle:
+            handle.seek(lineStart)
+            handle.write(b'access="denied" ')
+
+    def publicOf(self, path: str) -> str:
+        with open(path + ".pub") as handle:
+            return " ".join(handle.read().split()[:2])
+
+    @defer.inlineCallbacks
+    def test_9_4_ban_while_lock_held(self) -> Any:
+        """The key is banned while an appender holds the lock: the login waits for the lock
+        and is refused as denied, instead of using the old view with the old rights."""
+        from twisted.internet import reactor
+
+        self.held: set[int] = set()
+        victim = self.key("victim", options='access="listen"')
+        c = yield self.login(victim, b"victim")
+        self.assertTrue(c.authenticated, c.banner)
+        fd = self.holdLock()
+        self.banInPlace(victim)
+        reactor.callLater(0.5, self.release, fd)
+        c = yield self.login(victim, b"victim")
+        self.assertFalse(c.authenticated)
+        self.assertIn(b"this key is denied", c.banner)
+
+    @defer.inlineCallbacks
+    def test_9_4_lock_held_too_long_fails_closed(self) -> Any:
+        """A lock held past the wait refuses the login ("try again"), never the old view."""
+        self.patch(authkeys, "LOGIN_LOCK_WAIT", 0.3)
+        self.held = set()
+        victim = self.key("victim", options='access="listen"')
+        c = yield self.login(victim, b"victim")
+        self.assertTrue(c.authenticated, c.banner)
+        fd = self.holdLock()
+        self.banInPlace(victim)
+        c = yield self.login(victim, b"victim")
+        self.release(fd)
+        self.assertFalse(c.authenticated)
+        self.assertIn(b"being changed; try again", c.banner)
+        c = yield self.login(victim, b"victim")
+        self.assertIn(b"this key is denied", c.banner)
+
+
+class FirstUseLimitTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9 point 3: first-use trust is rate-limited and capped."""
+
+    def setUp(self) -> Any:
+        result = super().setUp()
+        self.logs = LogCapture().start(self)
+        return result
+
+    @defer.inlineCallbacks
+    def restart(self, **overrides: str) -> Any:
+        yield self.stopServer()
+        self.startServer(**overrides)
+
+    @defer.inlineCallbacks
+    def newKeyLogin(self, name: str, bind: str | None = None) -> Any:
+        c = yield connect_client(self.port, key=self.key(name), user=name.encode(), bind=bind)
+        c.close()
+        return c
+
+    def lines(self) -> int:
+        with open(self.akfile, "rb") as handle:
+            return handle.read().count(b"\n")
+
+    @defer.inlineCallbacks
+    def test_9_3_per_source_and_overall_rates(self) -> Any:
+        """A stranger making keys in a loop gets first_use_per_source of them per minute;
+        other sources still get theirs, until the overall rate is spent."""
+        yield self.restart(
+            first_use_per_source="2",
+            first_use_per_minute="3",
+            per_source_penalty_exempt_list="127.0.0.0/8",
+        )
+        for i in range(2):
+            c = yield self.newKeyLogin(f"a{i}")
+            self.assertTrue(c.authenticated, c.banner)
+        for i in range(2, 6):
+            c = yield self.newKeyLogin(f"a{i}")
+            self.assertFalse(c.authenticated)
+            self.assertIn(b"too many new keys from your address", c.banner)
+        self.assertEqual(self.lines(), 2)
+        c = yield self.newKeyLogin("b0", bind="127.0.0.2")
+        self.assertTrue(c.authenticated, c.banner)
+        c = yield self.newKeyLogin("c0", bind="127.0.0.3")
+        self.assertFalse(c.authenticated)
+        self.assertIn(b"too many new keys are arriving", c.banner)
+        self.assertEqual(self.lines(), 3)
+        self.assertIn("first-use limit", self.logs.out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_9_3_cap_on_first_use_lines(self) -> Any:
+        """Past first_use_max_keys first-use lines, unknown keys are refused; known keys and
+        keys an administrator adds still log in."""
+        yield self.restart(first_use_max_keys="2")
+        for i in range(2):
+            c = yield self.newKeyLogin(f"n{i}")
+            self.assertTrue(c.authenticated, c.banner)
+        c = yield self.newKeyLogin("n2")
+        self.assertFalse(c.authenticated)
+        self.assertIn(b"trusts no more new keys", c.banner)
+        self.assertEqual(self.lines(), 2)
+        c = yield connect_client(self.port, key=os.path.join(self.dir, "n0"), user=b"n0")
+        c.close()
+        self.assertTrue(c.authenticated, c.banner)
+        c = yield connect_client(
+            self.port, key=self.key("ops", options='access="listen"'), user=b"ops"
+        )
+        c.close()
+        self.assertTrue(c.authenticated, c.banner)
+
+
+class ReactorParseTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 9 point 3: a big authorized_keys is never parsed on the reactor thread."""
+
+    LINES = 3000
+
+    @defer.inlineCallbacks
+    def test_9_3_no_big_parse_on_reactor(self) -> Any:
+        """First-use logins and the periodic check against a 3,000-line file: every parse of
+        more than a few lines happens off the reactor thread, and appended lines are parsed
+        alone."""
+        import threading
+
+        known = self.key("known")
+        with open(known + ".pub") as handle:
+            public = " ".join(handle.read().split()[:2])
+        with open(self.akfile, "w") as handle:
+            for i in range(self.LINES):
+                handle.write(f'access="listen" {public} filler{i}\n')
+        parsed: list[tuple[bool, int]] = []
+        real = authkeys.parse_text
+
+        def recording(text: str, *args: Any, **kw: Any) -> Any:
+            onReactor = threading.current_thread() is threading.main_thread()
+            parsed.append((onReactor, text.count("\n")))
+            return real(text, *args, **kw)
+
+        self.patch(authkeys, "parse_text", recording)
+        self.factory.checkKeys()
+        yield self.waitFor(lambda: parsed, what="the first load")
+        for i in range(3):
+            c = yield connect_client(self.port, key=self.key(f"new{i}"), user=b"new")
+            c.close()
+            self.assertTrue(c.authenticated, c.banner)
+        c = yield connect_client(self.port, key=known, user=b"known")
+        c.close()
+        self.assertTrue(c.authenticated, c.banner)
+        self.factory.checkKeys()
+        big = [n for onReactor, n in parsed if n > 10]
+        self.assertTrue(big, parsed)
+        self.assertEqual([n for onReactor, n in parsed if onReactor and n > 10], [], parsed)
+        # Each first-use line was parsed on its own after the first full load.
+        self.assertEqual(len(big), 1, parsed)
+        self.assertEqual(len(self.factory.keysFile.entries()), self.LINES + 3)
+
+
+class TailParseTests(unittest.TestCase):
+    """AuthorizedKeysFile parses only appended lines, with the right line numbers."""
+
+    def test_append_parses_only_the_tail(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        def public() -> str:
+            return (
+                keys.Key(ed25519.Ed25519PrivateKey.generate()).public().toString("openssh").decode()
+            )
+
+        path = os.path.abspath(self.mktemp())
+        first = public()
+        with open(path, "wb") as handle:
+            handle.write(
+                b"\xef\xbb\xbf# notes\n" + "".join(f"{first} k{i}\n" for i in range(500)).encode()
+            )
+        keysFile = authkeys.AuthorizedKeysFile(path)
+        self.assertEqual(len(keysFile.entries()), 500)
+        calls: list[int] = []
+        real = authkeys.parse_line
+        self.patch(authkeys, "parse_line", lambda line, n=0: (calls.append(n), real(line, n))[1])
+        second = public()
+        with open(path, "a") as handle:
+            handle.write(f'access="denied" {second} late\nbroken {first}\n')
+        entry = keysFile.lookup(keys.Key.fromString(second).blob())
+        assert entry is not None
+        self.assertEqual((entry.lineno, entry.denied), (502, True))
+        self.assertEqual(calls, [502, 503, 504])
+        # The bad line 503 holds the first key: it is now denied (fail closed).
+        firstEntry = keysFile.lookup(keys.Key.fromString(first).blob())
+        assert firstEntry is not None
+        self.assertTrue(firstEntry.denied)
+        self.assertEqual(firstEntry.lineno, 503)
+        # A rewrite (not an append) is parsed whole.
+        with open(path, "w") as handle:
+            handle.write(f"{second} only\n")
+        self.assertEqual([e.comment for e in keysFile.entries()], ["only"])
