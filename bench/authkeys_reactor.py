@@ -7,7 +7,10 @@ of a known key, while a 5 ms LoopingCall measures how late the reactor
 runs. It also sums the time ``authkeys.parse_text`` spends on the reactor
 thread. Run from the repository root::
 
-    python bench/authkeys_reactor.py [lines] [first-use logins]
+    python bench/authkeys_reactor.py [lines] [first-use logins] [connected sessions]
+
+With connected sessions (``ssh -N`` of the known key, held open), every
+change to the file also makes the key watcher re-check each of them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
-from twisted.internet import defer, reactor, task, utils
+from twisted.internet import defer, protocol, reactor, task, utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +35,7 @@ from tests.harness import host_key_dir, make_key  # noqa: E402
 
 LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 LOGINS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+SESSIONS = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 
 on_reactor = {"parse": 0.0, "calls": 0}
 real_parse = authkeys.parse_text
@@ -61,6 +65,14 @@ def lines_file(path: str) -> None:
     shutil.copy(cache, path)
 
 
+def base_args(port: int) -> list[str]:
+    return [
+        "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-p", str(port),
+    ]  # fmt: skip
+
+
 @defer.inlineCallbacks
 def main() -> object:
     work = tempfile.mkdtemp(prefix="nuttconch-bench-")
@@ -81,7 +93,19 @@ def main() -> object:
     port = reactor.listenTCP(0, factory, interface="127.0.0.1").getHost().port
     poll = task.LoopingCall(factory.checkKeys)
     poll.start(KEYS_POLL_SECONDS, now=True)
-    yield task.deferLater(reactor, 0.5, lambda: None)
+    held = []
+    for i in range(SESSIONS):
+        proto = protocol.ProcessProtocol()
+        held.append(proto)
+        reactor.spawnProcess(
+            proto,
+            "ssh",
+            ["ssh", *base_args(port), "-N", "-i", known, "-l", f"s{i}", "127.0.0.1"],
+            env=os.environ,
+        )
+    yield task.deferLater(reactor, 1.0 + SESSIONS * 0.05, lambda: None)
+    # Let the first full load (in a thread) and its racy window pass before measuring.
+    yield task.deferLater(reactor, 3.0, lambda: None)
     lags: list[float] = []
     last = [time.perf_counter()]
 
@@ -93,11 +117,7 @@ def main() -> object:
     on_reactor.update(parse=0.0, calls=0)
     ticker = task.LoopingCall(tick)
     ticker.start(0.005)
-    args = [
-        "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-        "-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-p", str(port),
-    ]  # fmt: skip
+    args = base_args(port)
     started = time.perf_counter()
     codes = []
     for i in range(LOGINS):
@@ -115,12 +135,18 @@ def main() -> object:
     ticker.stop()
     poll.stop()
     stalls = [x for x in lags if x > 0.02]
-    print(f"lines={LINES} first_use_logins={LOGINS} exit_codes={codes} wall={elapsed:.2f}s")
+    print(
+        f"lines={LINES} first_use_logins={LOGINS} sessions={len(factory.avatars)}"
+        f" exit_codes={codes} wall={elapsed:.2f}s"
+    )
     print(
         f"reactor: max stall {max(lags) * 1000:.0f} ms, {len(stalls)} stalls > 20 ms"
         f" totalling {sum(stalls):.2f} s; parse_text on the reactor thread:"
         f" {on_reactor['calls']} calls, {on_reactor['parse']:.2f} s"
     )
+    for proto in held:
+        if proto.transport is not None:
+            proto.transport.signalProcess("TERM")
     yield factory.disconnectAll()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -1028,6 +1028,16 @@ class AuthorizedKeysFile:
         view = self._refresh(wait, stale)
         return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
 
+    def resolve(self, blob: bytes) -> AuthorizedKey | None:
+        """`lookup` in the view as last loaded, without looking at the file.
+
+        For change listeners: they run right after a reload, so the view is
+        the file, and re-checking N connected keys must not read it N times.
+        """
+        with self._lock:
+            view = self._view
+        return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+
     def cached_lookup(self, blob: bytes) -> tuple[bool, AuthorizedKey | None]:
         """``(True, entry)`` if the view is provably current, else ``(False, None)``.
 

@@ -189,10 +189,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         if not self.config.enable_auth:
             return
         for avatar in list(self.avatars):
-            try:
-                entry = self.keysFile.lookup(avatar.identity.key_blob)
-            except authkeys.AuthorizedKeysUnavailable:
-                continue
+            entry = self.keysFile.resolve(avatar.identity.key_blob)
             why = self._stillAuthorized(avatar, entry)
             if why is None:
                 self._applyAccess(avatar, entry)
