@@ -39,6 +39,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     _log = conch_logger("nuttconch.server.SwitchboardFactory")
 
     protocol = SwitchboardTransport
+    #: The AuthorizedKeysChecker (set by tap.build); the watcher needs its secret.
+    checker: Any = None
 
     def __init__(
         self,
@@ -156,7 +158,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         if threadable.isInIOThread():
             self._keysChanged()
         else:
-            default_reactor.callFromThread(self._keysChanged)
+            default_reactor.callFromThread(self._keysChanged)  # type: ignore[attr-defined]
 
     def checkKeys(self) -> None:
         """Re-read authorized_keys if it changed (called periodically and on SIGHUP).

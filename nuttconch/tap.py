@@ -129,7 +129,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
-    factory.checker = checker  # type: ignore[attr-defined]
+    factory.checker = checker
     return factory, registry
 
 

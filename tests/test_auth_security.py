@@ -579,3 +579,23 @@ class TailParseTests(unittest.TestCase):
         with open(path, "w") as handle:
             handle.write(f"{second} only\n")
         self.assertEqual([e.comment for e in keysFile.entries()], ["only"])
+
+
+class FirstUseLimiterTests(unittest.TestCase):
+    """The token buckets refill with time, per source (IPv6 by /64) and overall."""
+
+    def test_refill_and_sources(self) -> None:
+        from nuttconch.auth import FirstUseLimiter
+
+        now = [0.0]
+        limiter = FirstUseLimiter(per_source=2, overall=3, max_keys=100, clock=lambda: now[0])
+        for _ in range(2):
+            self.assertIsNone(limiter.refusal("2001:db8::1", 0))
+            limiter.take("2001:db8::1")
+        self.assertIn("from your address", limiter.refusal("2001:db8::2", 0) or "")
+        self.assertIsNone(limiter.refusal("2001:db8:1::1", 0))
+        limiter.take("192.0.2.1")
+        self.assertIn("are arriving", limiter.refusal("192.0.2.2", 0) or "")
+        now[0] += 30  # half a minute: one token back in each bucket
+        self.assertIsNone(limiter.refusal("2001:db8::1", 0))
+        self.assertIn("no more new keys", limiter.refusal("192.0.2.3", 100) or "")
