@@ -684,7 +684,7 @@ class AuthorizedKeysBusy(AuthorizedKeysUnavailable):
 
 
 #: How long a login waits for a writer's lock before it is refused.
-LOGIN_LOCK_WAIT = 5.0
+LOGIN_LOCK_WAIT = 10.0
 
 #: Reloads that would parse more bytes than this are done off the reactor
 #: thread by the periodic check (about 40 us a line, so ~25 ms at most inline).
