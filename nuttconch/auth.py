@@ -12,12 +12,15 @@ user nothing.
 
 from __future__ import annotations
 
+import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.conch import error as conch_error
 from twisted.conch.ssh import keys, userauth
-from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.common import NS, getNS
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -27,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import authkeys
+from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
 
@@ -80,6 +84,81 @@ class ConnectionInfo:
 fingerprint = authkeys.fingerprint_of
 
 
+class FirstUseLimiter:
+    """
+    Bounds trust on first use: per source, overall, and in total.
+
+    Every first-use login appends a line that every later reload and the
+    key watcher pay for, and anyone can make keys; token buckets (refilled
+    per minute, bursting to the same number) bound how fast strangers can
+    grow the file, and ``max_keys`` bounds how far: past it, only keys an
+    administrator added log in. Sources are grouped as penalties group them
+    (an IPv6 /64 counts as one).
+    """
+
+    def __init__(
+        self,
+        per_source: int = 60,
+        overall: int = 300,
+        max_keys: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_source = per_source
+        self.overall = overall
+        self.max_keys = max_keys
+        self.clock = clock
+        self._sources: dict[str, tuple[float, float]] = {}
+        self._all = (float(overall), clock())
+
+    @staticmethod
+    def _level(bucket: tuple[float, float], rate: int, now: float) -> float:
+        tokens, then = bucket
+        return min(float(rate), tokens + (now - then) * rate / 60.0)
+
+    def refusal(self, peer: str, first_use_keys: int) -> str | None:
+        """Why a new key from ``peer`` may not be trusted now, or None if it may."""
+        if first_use_keys >= self.max_keys:
+            return (
+                "this server trusts no more new keys (its first-use limit is reached);"
+                " ask its operator to add yours"
+            )
+        now = self.clock()
+        if self._level(self._all, self.overall, now) < 1:
+            return "too many new keys are arriving; try again in a minute"
+        bucket = self._sources.get(source_of(peer))
+        if bucket is not None and self._level(bucket, self.per_source, now) < 1:
+            return "too many new keys from your address; try again later"
+        return None
+
+    def take(self, peer: str) -> None:
+        """Spend one token of ``peer``'s source and one of the overall bucket."""
+        now = self.clock()
+        source = source_of(peer)
+        if source not in self._sources and len(self._sources) >= MAX_SOURCES:
+            full = float(self.per_source)
+            self._sources = {
+                k: v
+                for k, v in self._sources.items()
+                if self._level(v, self.per_source, now) < full
+            }
+        bucket = self._sources.get(source, (float(self.per_source), now))
+        self._sources[source] = (self._level(bucket, self.per_source, now) - 1, now)
+        self._all = (self._level(self._all, self.overall, now) - 1, now)
+
+
+def _refuse_unavailable(reason: Failure) -> None:
+    reason.trap(authkeys.AuthorizedKeysUnavailable)
+    if isinstance(reason.value, authkeys.AuthorizedKeysBusy):
+        raise Refused(
+            "the server's authorized keys are being changed; try again",
+            reason="authorized_keys busy",
+        )
+    raise Refused(
+        "the server cannot read its authorized keys; try again later",
+        reason="authorized_keys unavailable",
+    )
+
+
 @implementer(ICredentialsChecker)
 class AuthorizedKeysChecker:
     """Authenticates keys against the switchboard's own authorized_keys file."""
@@ -93,11 +172,13 @@ class AuthorizedKeysChecker:
         *,
         enable_auth: bool = True,
         allow_new_clients: bool = True,
+        first_use: FirstUseLimiter | None = None,
     ) -> None:
         self.keys_file = keys_file
         self.secret = secret
         self.enable_auth = enable_auth
         self.allow_new_clients = allow_new_clients
+        self.first_use = first_use if first_use is not None else FirstUseLimiter()
         self.calls = 0
 
     def requestAvatarId(self, credentials: Any) -> Any:
@@ -106,6 +187,32 @@ class AuthorizedKeysChecker:
 
     def _check(self, credentials: Any) -> Any:
         info: ConnectionInfo = getattr(credentials, "connection", None) or ConnectionInfo("?")
+        username, key = self._screen(credentials, info)
+        if not self.enable_auth:
+            return self._decide(credentials, info, username, key, None)
+        fresh, entry = self.keys_file.cached_lookup(credentials.blob)
+        if fresh:
+            return self._decide(credentials, info, username, key, entry)
+        if self.keys_file.reload_cost() <= authkeys.INLINE_RELOAD_BYTES:
+            # A small change: read it here, unless a writer holds the lock.
+            try:
+                entry = self.keys_file.lookup(credentials.blob, 0.0, stale=False)
+            except authkeys.AuthorizedKeysBusy:
+                pass
+            except authkeys.AuthorizedKeysUnavailable:
+                _refuse_unavailable(Failure())
+            else:
+                return self._decide(credentials, info, username, key, entry)
+        # The file changed since the last look: read it in a thread (a big
+        # file must not stall the reactor) and wait there for a writer's
+        # lock, so that the login is decided on what the file says now.
+        d = threads.deferToThread(self.keys_file.lookup, credentials.blob, authkeys.LOGIN_LOCK_WAIT)
+        d.addErrback(_refuse_unavailable)
+        d.addCallback(lambda found: self._decide(credentials, info, username, key, found))
+        return d
+
+    def _screen(self, credentials: Any, info: ConnectionInfo) -> tuple[str, keys.Key]:
+        """What is refused whatever the file says: bad names, keys and algorithms."""
         try:
             username = normalise(credentials.username, "user name")
         except InvalidName as exc:
@@ -114,6 +221,19 @@ class AuthorizedKeysChecker:
             key = keys.Key.fromString(credentials.blob, type="blob")
         except (keys.BadKeyError, ValueError) as exc:
             raise Refused(f"unsupported or malformed key: {exc}", reason="bad key") from None
+        if key.blob() != credentials.blob:
+            # Trailing bytes, an RSA number with a leading zero, a compressed
+            # ECDSA point: Conch reads them as the same key, but the lookup by
+            # blob would miss its line (and its from=, denied) and take the
+            # first-use path.
+            raise Refused(
+                "the public key blob is not in its canonical form", reason="bad key"
+            ) from None
+        if key.type() == "DSA":
+            raise Refused(
+                "DSA keys are not accepted (1024 bits and SHA-1); use an ed25519 key",
+                reason="weak key",
+            )
         if key.type() == "RSA" and key.size() < MIN_RSA_BITS:
             raise Refused(
                 f"RSA keys need at least {MIN_RSA_BITS} bits", reason="weak key"
@@ -123,32 +243,52 @@ class AuthorizedKeysChecker:
                 "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256/512",
                 reason="sha1 signature",
             )
-        blob = credentials.blob
-        info.fingerprint = fingerprint(blob)
-        entry: authkeys.AuthorizedKey | None = None
+        if credentials.algName not in key.supportedSignatureAlgorithms():
+            raise Refused(
+                f"signature algorithm {escape(credentials.algName[:64])} does not fit"
+                f" a {key.type()} key",
+                reason="bad algorithm",
+            )
+        info.fingerprint = fingerprint(credentials.blob)
+        return username, key
+
+    def _decide(
+        self,
+        credentials: Any,
+        info: ConnectionInfo,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+    ) -> Any:
         if self.enable_auth:
-            try:
-                entry = self.keys_file.lookup(blob)
-            except authkeys.AuthorizedKeysUnavailable:
-                raise Refused(
-                    "the server cannot read its authorized keys; try again later",
-                    reason="authorized_keys unavailable",
-                ) from None
-            if entry is not None and entry.denied:
-                raise Refused("this key is denied", reason="denied")
-            if entry is not None and not authkeys.from_allows(entry, info.peer):
-                raise Refused(f"this key is not allowed from {info.peer}", reason="from")
-            if entry is None and not self.allow_new_clients:
+            if entry is not None:
+                self._enforce(entry, info)
+            elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
+            else:
+                self._first_use_allowed(info)
         if credentials.signature is None:
             raise conch_error.ValidPublicKey()
+        if _signature_algorithm(credentials.signature) != credentials.algName:
+            # Conch's verify picks the hash from the signature itself, so an
+            # ssh-rsa (SHA-1) signature would pass under an rsa-sha2-* request.
+            raise Refused(
+                "the signature algorithm differs from the one the request announced",
+                reason="bad signature",
+            )
         if not key.verify(credentials.signature, credentials.sigData):
             raise Refused("bad signature", reason="bad signature")
         if not self.enable_auth:
             return self._identity(username, key, None, ALL_ACCESS, info)
         if entry is None:
+            self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
         return self._identity(username, key, entry, entry.access - {"denied"}, info)
+
+    def _first_use_allowed(self, info: ConnectionInfo) -> None:
+        why = self.first_use.refusal(info.peer, self.keys_file.first_use_count)
+        if why is not None:
+            raise Refused(why, reason="first-use limit")
 
     def _trust_on_first_use(self, username: str, key: keys.Key, info: ConnectionInfo) -> Any:
         entry = authkeys.AuthorizedKey(
@@ -158,18 +298,24 @@ class AuthorizedKeysChecker:
             comment=f"{username}@{info.peer}",
         )
 
-        def appended(_: object) -> Identity:
-            log.info(
-                "conn {conn_id}: trusted new key {fingerprint} for {user} on first use",
-                conn_id=info.conn_id,
-                fingerprint=fingerprint(entry.blob),
-                user=username,
-            )
-            current = self.keys_file.lookup(entry.blob) or entry
-            if current.denied:
-                raise Refused("this key is denied", reason="denied")
+        def appended(current: authkeys.AuthorizedKey | None) -> Identity:
+            # ``current`` is what the file said under the append's own lock:
+            # the line written, or one that appeared since the probe (an
+            # administrator's, or the same key's from a concurrent login).
+            # It gets the whole policy, exactly like a line found at probe.
+            if current is None:
+                raise Refused("this key is not authorized", reason="unknown key")
+            self._enforce(current, info)
+            new = current.lineno != 0 and current == entry
+            if new:
+                log.info(
+                    "conn {conn_id}: trusted new key {fingerprint} for {user} on first use",
+                    conn_id=info.conn_id,
+                    fingerprint=fingerprint(entry.blob),
+                    user=username,
+                )
             identity = self._identity(username, key, current, current.access - {"denied"}, info)
-            return Identity(**{**identity.__dict__, "new_key": True})
+            return Identity(**{**identity.__dict__, "new_key": new})
 
         def failed(reason: Failure) -> Identity:
             reason.trap(OSError, authkeys.AuthorizedKeyError)
@@ -185,6 +331,16 @@ class AuthorizedKeysChecker:
         d.addCallbacks(appended, failed)
         return d
 
+    @staticmethod
+    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo) -> None:
+        """Every option of ``entry`` that can refuse a login, for any path to a login."""
+        if entry.denied:
+            raise Refused("this key is denied", reason="denied")
+        if entry.cert_authority:
+            raise Refused("this key is not authorized", reason="unknown key")
+        if not authkeys.from_allows(entry, info.peer):
+            raise Refused(f"this key is not allowed from {info.peer}", reason="from")
+
     def _identity(
         self,
         username: str,
@@ -193,29 +349,52 @@ class AuthorizedKeysChecker:
         access: frozenset[str],
         info: ConnectionInfo,
     ) -> Identity:
-        hostname = username
-        extra: list[str] = []
-        if entry is not None:
-            try:
-                if entry.hostname:
-                    hostname = normalise(entry.hostname, "hostname option")
-                extra = [normalise(a, "alias option") for a in entry.aliases]
-            except InvalidName as exc:
-                raise Refused(
-                    f"authorized_keys line {entry.lineno}: {exc}", reason="bad option"
-                ) from None
         blob = key.blob()
-        aliases = (generated_alias(self.secret, blob, hostname), *extra)
+        try:
+            hostname, aliases = login_names(self.secret, username, blob, entry)
+        except InvalidName as exc:
+            lineno = entry.lineno if entry is not None else 0
+            raise Refused(f"authorized_keys line {lineno}: {exc}", reason="bad option") from None
         return Identity(
             username=username,
             hostname=hostname,
-            aliases=tuple(dict.fromkeys(aliases)),
+            aliases=aliases,
             access=frozenset(access),
             fingerprint=fingerprint(blob),
             key_blob=blob,
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
         )
+
+
+def login_names(
+    secret: bytes, username: str, blob: bytes, entry: authkeys.AuthorizedKey | None
+) -> tuple[str, tuple[str, ...]]:
+    """
+    The hostname and aliases a login with ``entry`` gets, generated alias first.
+
+    One function for the login and for the key watcher, so the watcher
+    compares the names a login would build now with the ones it built then:
+    a repeated alias or one equal to the generated alias is folded the same
+    way both times. Raises `InvalidName` for a bad ``hostname=``/``alias=``.
+    """
+    hostname = username
+    extra: list[str] = []
+    if entry is not None:
+        if entry.hostname:
+            hostname = normalise(entry.hostname, "hostname option")
+        extra = [normalise(a, "alias option") for a in entry.aliases]
+    aliases = (generated_alias(secret, blob, hostname), *extra)
+    return hostname, tuple(dict.fromkeys(aliases))
+
+
+def _signature_algorithm(signature: bytes) -> bytes | None:
+    """The algorithm name a signature blob says it was made with, or None if unreadable."""
+    try:
+        name, _ = getNS(signature)
+    except (struct.error, IndexError, ValueError):
+        return None
+    return name
 
 
 class _PortalProxy:

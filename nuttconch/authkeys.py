@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -55,6 +56,7 @@ __all__ = [
     "AuthorizedKey",
     "AuthorizedKeyError",
     "AuthorizedKeysFile",
+    "AuthorizedKeysBusy",
     "AuthorizedKeysUnavailable",
     "from_allows",
     "match_from",
@@ -483,7 +485,9 @@ def serialise(entry: AuthorizedKey) -> str:
     return line
 
 
-def parse_text(text: str) -> tuple[list[AuthorizedKey], list[tuple[int, str]]]:
+def parse_text(
+    text: str, first_lineno: int = 1
+) -> tuple[list[AuthorizedKey], list[tuple[int, str]]]:
     """
     Parse a whole file's text.
 
@@ -491,12 +495,13 @@ def parse_text(text: str) -> tuple[list[AuthorizedKey], list[tuple[int, str]]]:
     1-based line number and the reason. Lines end at ``\\n`` only (as in
     OpenSSH; other Unicode line separators are ordinary characters), a
     ``\\r`` before it is dropped, and a leading UTF-8 BOM is ignored.
+    ``first_lineno`` numbers the lines of a tail read after the others.
     """
-    if text.startswith("\ufeff"):
+    if text.startswith("\ufeff") and first_lineno == 1:
         text = text[1:]
     entries: list[AuthorizedKey] = []
     errors: list[tuple[int, str]] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=first_lineno):
         try:
             entry = parse_line(line, lineno)
         except AuthorizedKeyError as exc:
@@ -507,9 +512,9 @@ def parse_text(text: str) -> tuple[list[AuthorizedKey], list[tuple[int, str]]]:
     return entries, errors
 
 
-def _decode(data: bytes) -> str:
+def _decode(data: bytes, strip_bom: bool = True) -> str:
     """Decode file bytes line by line so one bad byte spoils only its line."""
-    if data.startswith(b"\xef\xbb\xbf"):
+    if strip_bom and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     return "\n".join(line.decode("utf-8", "replace") for line in data.split(b"\n"))
 
@@ -647,8 +652,71 @@ def _read_fd(fd: int) -> bytes:
         offset += len(chunk)
 
 
+def _flock_shared(fd: int, timeout: float | None) -> bool:
+    """Take a shared flock: None waits as long as it takes, 0 tries once, else polls."""
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return True
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.05)
+
+
 def _b64_tokens(text: str) -> set[str]:
     return set(_B64_TOKEN_RE.findall(text))
+
+
+class AuthorizedKeysBusy(AuthorizedKeysUnavailable):
+    """
+    A writer held the file's lock longer than a login may wait.
+
+    The view from before the write must not decide a login (a ban written
+    meanwhile would be ignored), so the login is refused instead.
+    """
+
+
+#: How long a login waits for a writer's lock before it is refused.
+LOGIN_LOCK_WAIT = 10.0
+
+#: Reloads that would parse more bytes than this are done off the reactor
+#: thread by the periodic check (about 40 us a line, so ~25 ms at most inline).
+INLINE_RELOAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _View:
+    """One parsed state of the file; replaced whole, never changed in place."""
+
+    entries: tuple[AuthorizedKey, ...] = ()
+    index: dict[bytes, tuple[AuthorizedKey, ...]] = field(default_factory=dict)
+    tainted: dict[str, int] = field(default_factory=dict)
+    errors: tuple[tuple[int, str], ...] = ()
+    first_use: int = 0
+    size: int = 0
+    lines: int = 0
+    ends_with_newline: bool = True
+
+
+def _index_of(
+    base: dict[bytes, tuple[AuthorizedKey, ...]], entries: Iterable[AuthorizedKey]
+) -> dict[bytes, tuple[AuthorizedKey, ...]]:
+    index = dict(base)
+    for entry in entries:
+        index[entry.blob] = (*index.get(entry.blob, ()), entry)
+    return index
+
+
+def _is_first_use(entry: AuthorizedKey) -> bool:
+    """A line of the shape first use writes (and the cap counts)."""
+    return entry.options == tuple(("access", a) for a in TOFU_ACCESS)
 
 
 class AuthorizedKeysFile:
@@ -659,6 +727,12 @@ class AuthorizedKeysFile:
     new logins without a restart; `append` adds a TOFU key safely against
     concurrent appenders (threads and processes, through ``flock``) and
     against a full disk. Every method may be called from any thread.
+
+    Keys are indexed by blob, and a reload that finds only lines appended
+    after the old content parses just those lines: first-use appends and
+    ``>>`` edits cost what they add, not the size of the file. Parsing
+    happens outside the lock that readers take, so a thread parsing a big
+    file never stalls a reader on the reactor thread.
     """
 
     def __init__(
@@ -670,15 +744,15 @@ class AuthorizedKeysFile:
         self.path = path
         self._log = log if log is not None else Logger()
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below; held briefly
+        self._loading = threading.Lock()  # one reload at a time; held while parsing
         self._listeners: list[Callable[[], None]] = []
         self._signature: _Signature | None = None
         self._digest: bytes | None = None
         self._loaded_at = 0.0
         self._racy = False
-        self._entries: list[AuthorizedKey] = []
-        self._tainted: dict[str, int] = {}
-        self._last_good: tuple[AuthorizedKey, ...] | None = None
+        self._view = _View()
+        self._loaded_once = False
         self._unavailable: str | None = None
 
     def ensure_exists(self) -> None:
@@ -698,7 +772,11 @@ class AuthorizedKeysFile:
         self._log.info("Created empty authorized_keys file {path}", path=self.path)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` after each reload that changed the entries."""
+        """Call ``callback()`` after each reload that changed the entries.
+
+        It runs on the thread that did the reload, which may be a worker
+        thread: a listener that touches Twisted must hop to the reactor.
+        """
         self._listeners.append(callback)
 
     # -- reading ----------------------------------------------------------
@@ -717,21 +795,84 @@ class AuthorizedKeysFile:
             )
         return AuthorizedKeysUnavailable(err, f"authorized_keys unavailable: {reason}", self.path)
 
-    def entries(self) -> list[AuthorizedKey]:
+    def _stat(self) -> os.stat_result:
+        try:
+            return os.stat(self.path)
+        except OSError as exc:
+            raise self._fail(exc.strerror or str(exc), exc.errno or errno.EIO) from None
+
+    def _current(self, st: os.stat_result) -> _View | None:
+        """The view if ``st`` proves it is up to date, else None."""
+        with self._lock:
+            if self._unavailable is None and self._signature == _signature(st) and not self._racy:
+                return self._view
+        return None
+
+    def is_current(self) -> bool:
+        """True if the view is up to date: a `lookup` now would not read the file."""
+        try:
+            return self._current(self._stat()) is not None
+        except AuthorizedKeysUnavailable:
+            return False
+
+    def reload_cost(self) -> int:
+        """Bytes the next reload would parse (0: none); a guess made from stat alone."""
+        try:
+            st = self._stat()
+        except AuthorizedKeysUnavailable:
+            return 0
+        if self._current(st) is not None:
+            return 0
+        with self._lock:
+            view, signature = self._view, self._signature
+        appended = (
+            signature is not None
+            and (signature[1], signature[3]) == (st.st_ino, st.st_dev)
+            and st.st_size > view.size
+            and view.ends_with_newline
+        )
+        return max(1, st.st_size - view.size if appended else st.st_size)
+
+    def entries(self, wait: float = 0.0) -> list[AuthorizedKey]:
         """
         The current entries, re-read if the file changed since the last load.
 
         Raises `AuthorizedKeysUnavailable` if the file is missing or
-        unreadable; logins must then be refused. Never blocks on a writer:
-        while an append holds the lock, the previous view is returned.
+        unreadable; logins must then be refused. With ``wait`` 0 (the
+        reactor thread) this never waits for a writer: while an append
+        holds the lock, the previous view is returned. With ``wait`` > 0
+        (a worker thread deciding a login) it waits up to that long for the
+        lock and raises `AuthorizedKeysBusy` if it is still held, so a
+        login is never decided on a view older than the file.
         """
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            raise self._fail(exc.strerror or str(exc), exc.errno or errno.EIO) from None
+        return list(self._refresh(wait).entries)
+
+    def _refresh(self, wait: float, stale: bool = True) -> _View:
+        view = self._current(self._stat())
+        if view is not None:
+            return view
         with self._lock:
-            if self._unavailable is None and self._signature == _signature(st) and not self._racy:
-                return list(self._entries)
+            have_view = self._signature is not None
+        if wait > 0:
+            if not self._loading.acquire(timeout=wait):
+                raise AuthorizedKeysBusy(errno.EAGAIN, "authorized_keys is busy", self.path)
+        elif have_view:
+            if not self._loading.acquire(blocking=False):
+                if not stale:
+                    raise AuthorizedKeysBusy(errno.EAGAIN, "authorized_keys is busy", self.path)
+                with self._lock:
+                    return self._view
+        else:
+            self._loading.acquire()
+        try:
+            return self._reload(wait, have_view, stale)
+        finally:
+            self._loading.release()
+
+    def _reload(self, wait: float, have_view: bool, stale: bool) -> _View:
+        view = self._current(self._stat())  # another thread may just have loaded it
+        if view is not None:
+            return view
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
@@ -740,12 +881,11 @@ class AuthorizedKeysFile:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise self._fail("not a regular file", errno.EISDIR)
-            have_view = self._signature is not None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | (fcntl.LOCK_NB if have_view else 0))
-            except BlockingIOError:
+            if not _flock_shared(fd, wait if wait > 0 else (None if not have_view else 0.0)):
+                if wait > 0 or not stale:
+                    raise AuthorizedKeysBusy(errno.EAGAIN, "authorized_keys is busy", self.path)
                 with self._lock:
-                    return list(self._entries)
+                    return self._view
             try:
                 data = _read_fd(fd)
             finally:
@@ -758,52 +898,104 @@ class AuthorizedKeysFile:
             os.close(fd)
         return self._load(st, data)
 
-    def _load(self, st: os.stat_result, data: bytes) -> list[AuthorizedKey]:
+    def _load(self, st: os.stat_result, data: bytes) -> _View:
         digest = hashlib.sha256(data).digest()
         now = self._clock()
         with self._lock:
             recovered = self._unavailable is not None
             self._unavailable = None
-            if self._digest == digest and self._signature is not None:
+            old, old_digest, old_signature = self._view, self._digest, self._signature
+            if old_digest == digest and old_signature is not None:
                 # Same bytes (a racy re-check, or a touch): keep the view.
                 # A re-read this long after the load proves that any later
                 # edit will change the mtime, so the signature is trusted
                 # again; a new signature starts a new racy window.
-                if self._signature != _signature(st):
+                if old_signature != _signature(st):
                     self._signature = _signature(st)
                     self._loaded_at = now
                     self._racy = True
                 else:
                     self._racy = now - self._loaded_at < _RACY_SECONDS
-                return list(self._entries)
-            text = _decode(data)
-            entries, errors = parse_text(text)
-            lines = text.split("\n")
-            self._tainted = {
-                token: lineno for lineno, _ in errors for token in _b64_tokens(lines[lineno - 1])
+                return old
+        appended = (
+            old_signature is not None
+            and old.size > 0
+            and old.ends_with_newline
+            and len(data) > old.size
+            and hashlib.sha256(data[: old.size]).digest() == old_digest
+        )
+        if appended:
+            # Only lines were added after the old content: parse just those.
+            text = _decode(data[old.size :], strip_bom=False)
+            added, added_errors = parse_text(text, first_lineno=old.lines + 1)
+            relative = [(n - old.lines, r) for n, r in added_errors]
+            tail_tainted = {
+                token: n + old.lines
+                for token, n in _tainted_tokens(text.split("\n"), relative).items()
             }
-            self._entries = entries
+            view = _View(
+                entries=old.entries + tuple(added),
+                index=_index_of(old.index, added),
+                tainted={**old.tainted, **tail_tainted},
+                errors=old.errors + tuple(added_errors),
+                first_use=old.first_use + sum(map(_is_first_use, added)),
+            )
+            checked: Iterable[AuthorizedKey] = added
+            changed = bool(added) or bool(tail_tainted)
+        else:
+            text = _decode(data)
+            parsed, errors = parse_text(text)
+            view = _View(
+                entries=tuple(parsed),
+                index=_index_of({}, parsed),
+                tainted=_tainted_tokens(text.split("\n"), errors),
+                errors=tuple(errors),
+                first_use=sum(map(_is_first_use, parsed)),
+            )
+            checked = view.entries
+            changed = self._loaded_once and old.entries != view.entries
+        view = dataclasses.replace(
+            view,
+            size=len(data),
+            lines=data.count(b"\n"),
+            ends_with_newline=not data or data.endswith(b"\n"),
+        )
+        with self._lock:
+            self._view = view
             self._signature = _signature(st)
             self._digest = digest
             self._loaded_at = now
             self._racy = True
-            previous = self._last_good
-            self._last_good = tuple(entries)
-            changed = previous is not None and previous != self._last_good
+            self._loaded_once = True
         if recovered:
             self._log.info("authorized_keys file {path} is readable again", path=self.path)
-        for lineno, reason in errors:
+        self._warn(view, st, checked)
+        if changed:
+            for callback in list(self._listeners):
+                try:
+                    callback()
+                except Exception:
+                    self._log.failure("authorized_keys change listener failed")
+        return view
+
+    def _warn(
+        self,
+        view: _View,
+        st: os.stat_result,
+        checked: Iterable[AuthorizedKey],
+    ) -> None:
+        """Each bad line once per reload, as an operator expects after any change."""
+        for lineno, reason in view.errors:
             self._log.warn(
                 "{path}, line {lineno}: {reason}; line ignored",
                 path=self.path,
                 lineno=lineno,
                 reason=reason,
             )
-        for entry in entries:
+        for entry in checked:
             if entry.keytype == "ssh-dss":
                 self._log.warn(
-                    "{path}, line {lineno}: ssh-dss keys are obsolete and"
-                    " modern clients will not use them",
+                    "{path}, line {lineno}: ssh-dss keys are obsolete and are refused at login",
                     path=self.path,
                     lineno=entry.lineno,
                 )
@@ -813,15 +1005,14 @@ class AuthorizedKeysFile:
                 " anyone who can write it can grant themselves access",
                 path=self.path,
             )
-        if changed:
-            for callback in list(self._listeners):
-                try:
-                    callback()
-                except Exception:
-                    self._log.failure("authorized_keys change listener failed")
-        return list(entries)
 
-    def lookup(self, blob: bytes) -> AuthorizedKey | None:
+    @property
+    def first_use_count(self) -> int:
+        """Lines of the shape first use writes, in the current view."""
+        with self._lock:
+            return self._view.first_use
+
+    def lookup(self, blob: bytes, wait: float = 0.0, stale: bool = True) -> AuthorizedKey | None:
         """
         The entry whose options apply to the key ``blob``, or None.
 
@@ -829,28 +1020,37 @@ class AuthorizedKeysFile:
         the key anywhere wins. A line that failed to parse but contains the
         key also counts as denied (fail closed: a typo in a deny line must
         not let the key in). ``cert-authority`` lines never admit a plain
-        key. Raises `AuthorizedKeysUnavailable` like `entries`.
+        key. Raises `AuthorizedKeysUnavailable` like `entries`, with the
+        same meaning of ``wait``; with ``stale`` False, a writer holding the
+        lock raises `AuthorizedKeysBusy` at once instead of giving the
+        previous view (for a login decided on the reactor thread).
         """
-        entries = self.entries()
-        matching = [e for e in entries if e.blob == blob]
-        for entry in matching:
-            if entry.denied:
-                return entry
+        view = self._refresh(wait, stale)
+        return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+
+    def resolve(self, blob: bytes) -> AuthorizedKey | None:
+        """`lookup` in the view as last loaded, without looking at the file.
+
+        For change listeners: they run right after a reload, so the view is
+        the file, and re-checking N connected keys must not read it N times.
+        """
         with self._lock:
-            bad_lineno = self._tainted.get(base64.b64encode(blob).decode("ascii"))
-        if bad_lineno is not None:
-            keytype = _wire_strings_safe_type(blob)
-            return AuthorizedKey(
-                (("access", "denied"),),
-                keytype,
-                blob,
-                f"line {bad_lineno} could not be parsed",
-                bad_lineno,
-            )
-        for entry in matching:
-            if not entry.cert_authority:
-                return entry
-        return None
+            view = self._view
+        return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+
+    def cached_lookup(self, blob: bytes) -> tuple[bool, AuthorizedKey | None]:
+        """``(True, entry)`` if the view is provably current, else ``(False, None)``.
+
+        For the reactor thread: a stat and a dictionary lookup, never a read
+        or a parse; a caller that gets False does a `lookup` in a thread.
+        """
+        try:
+            view = self._current(self._stat())
+        except AuthorizedKeysUnavailable:
+            return False, None
+        if view is None:
+            return False, None
+        return True, _resolve(list(view.index.get(blob, ())), view.tainted, blob)
 
     # -- writing ----------------------------------------------------------
 
@@ -886,9 +1086,15 @@ class AuthorizedKeysFile:
                 raise
             os.close(fd)
 
-    def append(self, entry: AuthorizedKey) -> None:
+    def append(self, entry: AuthorizedKey) -> AuthorizedKey | None:
         """
         Append ``entry`` for trust on first use, atomically and durably.
+
+        Returns the entry that now applies to the key, decided from the
+        bytes read under the lock (as `lookup` would): ``entry`` itself
+        when it was written, otherwise the line already there (maybe denied,
+        or with a ``from=``), so the caller judges the login on what the
+        file says at that moment and never on an older view.
 
         Under an exclusive ``flock``, the file is re-read and nothing is
         written if the key is already there (on any line, even one that
@@ -903,8 +1109,11 @@ class AuthorizedKeysFile:
         fd = self._open_locked(os.O_RDWR | os.O_APPEND)
         try:
             data = _read_fd(fd)
-            if token in _b64_tokens(_decode(data)):
-                return
+            text = _decode(data)
+            if token in _b64_tokens(text):
+                entries, errors = parse_text(text)
+                tainted = _tainted_tokens(text.split("\n"), errors)
+                return _resolve([e for e in entries if e.blob == entry.blob], tainted, entry.blob)
             size = len(data)
             payload = (line + "\n").encode("utf-8")
             if data and not data.endswith(b"\n"):
@@ -921,6 +1130,8 @@ class AuthorizedKeysFile:
                 except OSError:
                     self._log.failure("could not undo a failed append to {path}", path=self.path)
                 raise
+            lineno = text.count("\n") + (2 if text and not text.endswith("\n") else 1)
+            return dataclasses.replace(entry, lineno=lineno)
         finally:
             os.close(fd)  # also releases the flock
 
@@ -930,7 +1141,8 @@ class AuthorizedKeysFile:
 
         ``lines`` are the raw lines without their ``\\n`` (a ``\\r`` stays,
         undecodable bytes survive as surrogate escapes), so comments and
-        lines this module does not understand come back byte for byte. The
+        lines this module does not understand come back byte for byte; a
+        leading UTF-8 BOM is kept out of line 1 and written back. The
         new content goes to a temporary file in the same directory with the
         old mode, is fsynced and renamed over the old file, all under the
         same ``flock`` `append` uses. Lines must not contain ``\\n``.
@@ -939,6 +1151,11 @@ class AuthorizedKeysFile:
         try:
             st = os.fstat(fd)
             text = _read_fd(fd).decode("utf-8", "surrogateescape")
+            # A BOM (some Windows editors write one) is not part of line 1:
+            # the reader skips it, so the edit must too, or it would not
+            # recognise the first key; it is put back in front afterwards.
+            bom = "\ufeff" if text.startswith("\ufeff") else ""
+            text = text[len(bom) :]
             lines = text.split("\n")
             if lines and lines[-1] == "":
                 lines.pop()
@@ -946,7 +1163,7 @@ class AuthorizedKeysFile:
             for new_line in new_lines:
                 if "\n" in new_line:
                     raise ValueError("rewrite: a line must not contain a newline")
-            new_text = "".join(x + "\n" for x in new_lines)
+            new_text = bom + "".join(x + "\n" for x in new_lines)
             directory = os.path.dirname(os.path.abspath(self.path))
             tmp_fd, tmp_path = tempfile.mkstemp(
                 dir=directory, prefix="." + os.path.basename(self.path) + "."
@@ -975,6 +1192,33 @@ class AuthorizedKeysFile:
             _fsync_dir(directory)
         finally:
             os.close(fd)
+
+
+def _resolve(
+    matching: list[AuthorizedKey], tainted: dict[str, int], blob: bytes
+) -> AuthorizedKey | None:
+    """The entry that applies to ``blob`` among its lines ``matching``; see `lookup`."""
+    for entry in matching:
+        if entry.denied:
+            return entry
+    bad_lineno = tainted.get(base64.b64encode(blob).decode("ascii"))
+    if bad_lineno is not None:
+        return AuthorizedKey(
+            (("access", "denied"),),
+            _wire_strings_safe_type(blob),
+            blob,
+            f"line {bad_lineno} could not be parsed",
+            bad_lineno,
+        )
+    for entry in matching:
+        if not entry.cert_authority:
+            return entry
+    return None
+
+
+def _tainted_tokens(lines: list[str], errors: list[tuple[int, str]]) -> dict[str, int]:
+    """Base64 tokens of lines that failed to parse, with their line numbers."""
+    return {token: lineno for lineno, _ in errors for token in _b64_tokens(lines[lineno - 1])}
 
 
 def _wire_strings_safe_type(blob: bytes) -> str:

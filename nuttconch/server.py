@@ -13,15 +13,17 @@ import itertools
 from typing import Any
 
 from twisted.conch.ssh import factory as conch_factory
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
+from twisted.python import threadable
 
 from . import authkeys
-from .auth import SwitchboardUserAuth
+from .auth import SwitchboardUserAuth, login_names
 from .connection import SwitchboardConnection
 from .limits import Penalties, Startups
 from .logs import conch_logger
+from .names import InvalidName
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -37,6 +39,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     _log = conch_logger("nuttconch.server.SwitchboardFactory")
 
     protocol = SwitchboardTransport
+    #: The AuthorizedKeysChecker (set by tap.build); the watcher needs its secret.
+    checker: Any = None
 
     def __init__(
         self,
@@ -146,25 +150,51 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def watchKeys(self, keysFile: Any) -> None:
         """Follow authorized_keys: connections of removed, denied or changed keys are closed."""
         self.keysFile = keysFile
-        keysFile.add_listener(self._keysChanged)
+        self._reloading = False
+        keysFile.add_listener(self._keysChangedAnyThread)
+
+    def _keysChangedAnyThread(self) -> None:
+        """Reloads run in worker threads too (logins, big files); the watcher runs here."""
+        if threadable.isInIOThread():
+            self._keysChanged()
+        else:
+            default_reactor.callFromThread(self._keysChanged)  # type: ignore[attr-defined]
 
     def checkKeys(self) -> None:
-        """Re-read authorized_keys if it changed (called periodically and on SIGHUP)."""
+        """Re-read authorized_keys if it changed (called periodically and on SIGHUP).
+
+        A small change (an appended line, a small file) is read at once; a
+        big reload goes to a thread, so a 20,000-line file never stalls the
+        reactor.
+        """
         keysFile = getattr(self, "keysFile", None)
         if keysFile is None:
             return
-        try:
-            keysFile.entries()
-        except authkeys.AuthorizedKeysUnavailable:
-            pass  # logged by the file object; new logins fail closed, sessions stay
+        cost = keysFile.reload_cost()
+        if cost == 0:
+            return
+        if cost <= authkeys.INLINE_RELOAD_BYTES:
+            try:
+                keysFile.entries()
+            except authkeys.AuthorizedKeysUnavailable:
+                pass  # logged by the file object; new logins fail closed, sessions stay
+            return
+        if self._reloading:
+            return
+        self._reloading = True
+        d = threads.deferToThread(keysFile.entries)
+        d.addErrback(lambda f: f.trap(authkeys.AuthorizedKeysUnavailable))
+        d.addErrback(lambda f: log.failure("reloading authorized_keys failed", failure=f))
+        d.addBoth(lambda _: setattr(self, "_reloading", False))
 
     def _keysChanged(self) -> None:
         if not self.config.enable_auth:
             return
         for avatar in list(self.avatars):
-            why = self._stillAuthorized(avatar)
+            entry = self.keysFile.resolve(avatar.identity.key_blob)
+            why = self._stillAuthorized(avatar, entry)
             if why is None:
-                self._applyAccess(avatar)
+                self._applyAccess(avatar, entry)
             else:
                 log.info(
                     "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
@@ -177,12 +207,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 if transport is not None:
                     transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
 
-    def _applyAccess(self, avatar: Any) -> None:
+    def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
         """A changed access= takes effect at once on the live connection."""
-        try:
-            entry = self.keysFile.lookup(avatar.identity.key_blob)
-        except authkeys.AuthorizedKeysUnavailable:
-            return
         access = frozenset(entry.access - {"denied"}) if entry is not None else None
         if access is not None and access != avatar.identity.access:
             log.info(
@@ -193,12 +219,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
 
-    def _stillAuthorized(self, avatar: Any) -> str | None:
+    def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
-        try:
-            entry = self.keysFile.lookup(identity.key_blob)
-        except authkeys.AuthorizedKeysUnavailable:
-            return None
         if entry is None:
             return "key removed from authorized_keys"
         if entry.denied:
@@ -207,9 +229,15 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key no longer allowed from this address"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
-        if entry.hostname and entry.hostname.lower() != identity.hostname:
+        try:
+            hostname, aliases = login_names(
+                self.checker.secret, identity.username, identity.key_blob, entry
+            )
+        except InvalidName:
+            return "key's hostname or alias is no longer valid"
+        if hostname != identity.hostname:
             return "key's hostname changed"
-        if tuple(a.lower() for a in entry.aliases) != identity.aliases[1:]:
+        if aliases != identity.aliases:
             return "key's aliases changed"
         return None
 

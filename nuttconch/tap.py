@@ -14,7 +14,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as configmod
-from .auth import AuthorizedKeysChecker
+from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
@@ -120,13 +120,16 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         secret,
         enable_auth=cfg.enable_auth,
         allow_new_clients=cfg.allow_new_clients,
+        first_use=FirstUseLimiter(
+            cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
+        ),
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")
     factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
-    factory.checker = checker  # type: ignore[attr-defined]
+    factory.checker = checker
     return factory, registry
 
 
