@@ -21,6 +21,7 @@ from twisted.conch.ssh import transport as conch_transport
 from twisted.internet import task
 from twisted.logger import Logger
 
+from .budget import budget_of
 from .circuit import Circuit, ClientEnd, InitiatorEnd
 from .logs import conch_logger
 from .names import escape
@@ -334,6 +335,11 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
         target = f"{listener.connect_name}:{port}"
+        budget = budget_of(self)
+        short = budget.refusal() if budget is not None else None
+        if short is not None:
+            self.transport.factory.circuitFailed(target, "refused", short)
+            raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
         circuit = Circuit(next(_circuit_ids), target, peer)
         origin = (peer, self.transport.transport.getPeer().port)
         try:
