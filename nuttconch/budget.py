@@ -63,9 +63,7 @@ class MemoryBudget:
     ``close``; the connection asks ``refusal`` before starting a circuit.
     """
 
-    def __init__(
-        self, per_connection: int, total: int, window: int, floor: int = FLOOR
-    ) -> None:
+    def __init__(self, per_connection: int, total: int, window: int, floor: int = FLOOR) -> None:
         self.per_connection = per_connection
         self.limit = total
         self.window = window
