@@ -211,14 +211,14 @@ SCHEMA: tuple[Setting, ...] = (
         "server",
         "max_connections_per_key",
         _int_range(0, 1000000),
-        "32",
+        "256",
         "authenticated connections with one key (0: no limit)",
     ),
     Setting(
         "server",
         "max_connections_per_source",
         _int_range(0, 1000000),
-        "128",
+        "256",
         "authenticated connections from one address or IPv6 /64 (0: no limit)",
     ),
     Setting(

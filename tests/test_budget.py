@@ -235,7 +235,7 @@ class ConfigTests(unittest.TestCase):
         return configmod.load(path)
 
     def test_defaults(self) -> None:
-        """Defaults: 64 MiB per connection, 1 GiB in all, 32 per key, 128 per source."""
+        """Defaults: 64 MiB per connection, 1 GiB in all, 256 per key and per source."""
         cfg = self.load("")
         self.assertEqual(
             (
@@ -244,7 +244,7 @@ class ConfigTests(unittest.TestCase):
                 cfg.max_connections_per_key,
                 cfg.max_connections_per_source,
             ),
-            (64 * MiB, 1024 * MiB, 32, 128),
+            (64 * MiB, 1024 * MiB, 256, 256),
         )
 
     def test_sizes(self) -> None:

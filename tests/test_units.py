@@ -58,8 +58,8 @@ DEFAULT_VALUES = {
     "channel_window": 2097152,
     "memory_per_connection": 64 * 1024 * 1024,
     "memory_total": 1024 * 1024 * 1024,
-    "max_connections_per_key": 32,
-    "max_connections_per_source": 128,
+    "max_connections_per_key": 256,
+    "max_connections_per_source": 256,
     "per_source_penalties": True,
     "per_source_penalty_exempt_list": "",
     "ciphers": (
