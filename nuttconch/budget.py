@@ -158,6 +158,12 @@ class MemoryBudget:
     def refusal(self) -> str | None:
         """Why a new circuit may not start now (two ends' floors do not fit), or None."""
         if not self.limit or self.limit - self.total >= 2 * self.floor:
+            if self._refusals:
+                log.info(
+                    "memory budget: accepting new circuits again ({count} refused)",
+                    count=self._refusals,
+                )
+                self._refusals = 0
             return None
         self._refusals += 1
         if self._refusals == 1 or self._refusals % 1000 == 0:

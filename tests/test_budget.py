@@ -433,6 +433,8 @@ class BudgetAttackTests(ThreatMixin, unittest.TestCase):
         self.assertEqual(out, b"DEV:hi", err)
         refusals = [x for x in self.logs.lines() if "refusing new circuits" in x]
         self.assertEqual(len(refusals), 1, refusals)
+        again = [x for x in self.logs.lines() if "accepting new circuits again" in x]
+        self.assertEqual(len(again), 1, again)
 
     @defer.inlineCallbacks
     def test_connections_per_key(self) -> Any:
