@@ -20,8 +20,9 @@ to the server as a whole:
 - a new circuit is refused while the server-wide budget cannot pay even the floors
   of its two ends.
 
-The memory in circuit buffers is thus at most ``memory_total`` plus the floors of the
-ends already open; per connection, ``memory_per_connection`` plus its ends' floors.
+The memory in circuit buffers is thus at most ``memory_total`` plus one packet for each
+circuit being opened at that moment (its client end is charged when the initiator
+answers); per connection, ``memory_per_connection`` plus one packet per circuit end.
 """
 
 from __future__ import annotations
