@@ -406,6 +406,8 @@ class Nuttconch(Server):
             f"listen_host = {host}\nlisten_port = {self.port}\n"
             "enable_auth = true\nallow_new_clients = false\n"
             "max_startups = 1000:30:2000\nper_source_max_startups = 2000\n"
+            # The idle workload holds thousands of connections with one key from one address.
+            "max_connections_per_key = 0\nmax_connections_per_source = 0\n"
             f"[keys]\nhost_key_dir = {d / 'keys'}\n"
         )
         self.logfile = d / "server.log"

@@ -525,7 +525,12 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 message=refusal.message,
             )
             self.transport.factory.authFailed(self.info.peer, refusal.reason, self.info.fingerprint)
-            self.transport.penaltyKind = "authfail"
+            self.transport.penaltyKind = getattr(refusal, "penaltyKind", "authfail")
+            code = getattr(refusal, "disconnectCode", None)
+            if code is not None:
+                # Over a connection cap: more keys would not help; say why and end here.
+                self.transport.sendDisconnect(code, refusal.message.encode("utf-8"))
+                return
         elif not reason.check(conch_error.IgnoreAuthentication) and self.method != b"none":
             self.transport.factory.authFailed(self.info.peer, "failed", self.info.fingerprint)
             self.transport.penaltyKind = "authfail"

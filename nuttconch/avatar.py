@@ -206,6 +206,7 @@ class SwitchboardAvatar(ConchUser):
         self.loggedOut = True
         if self.listener is not None:
             self.registry.remove_listener(self.listener)
+        self.factory.connectionLimits.release(self.identity.fingerprint, self.info.peer)
         self.factory.loggedOut(self)
 
 
@@ -222,6 +223,9 @@ class SwitchboardRealm:
             raise NotImplementedError("only SSH users are supported")
         self.avatars += 1
         info = mind if isinstance(mind, ConnectionInfo) else ConnectionInfo(peer="?")
+        # Raises TooManyConnections (a refusal the client is shown) over a per-key or
+        # per-source cap; counted from here until logout.
+        self.factory.connectionLimits.admit(avatarId.fingerprint, info.peer)
         avatar = SwitchboardAvatar(avatarId, info, self.factory)
         self.factory.loggedIn(avatar)
         return IConchUser, avatar, avatar.logout

@@ -19,6 +19,7 @@ from twisted.conch.ssh import channel
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .budget import budget_of
 from .logs import conch_logger
 
 log = Logger()
@@ -40,6 +41,12 @@ class CircuitEnd(channel.SSHChannel):
         self.bytesIn = 0
         self.circuit: Circuit | None = None
         self.buf: bytearray = bytearray()  # type: ignore[assignment]
+        # The memory budget decides the window this end may advertise (see budget.py).
+        self.allotment = self.localWindowSize
+        self.budget = budget_of(self.conn)
+        if self.budget is not None:
+            window = self.budget.open(self, self.conn)
+            self.localWindowSize = self.localWindowLeft = window
 
     # receiving
 
@@ -92,7 +99,10 @@ class CircuitEnd(channel.SSHChannel):
             or self.localWindowLeft < self.localMaxPacket
         ):
             self.held -= grantable
-            self.conn.adjustWindow(self, grantable)
+            if self.budget is not None:
+                grantable = self.budget.regrant(self, grantable)
+            if grantable > 0:
+                self.conn.adjustWindow(self, grantable)
 
     # sending: our own write path, with a bytearray queue instead of Conch's bytes buffer
 
@@ -198,6 +208,8 @@ class CircuitEnd(channel.SSHChannel):
             self.conn.sendClose(self)
 
     def closed(self) -> None:
+        if self.budget is not None:
+            self.budget.close(self)
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
@@ -213,7 +225,8 @@ class ClientEnd(CircuitEnd):
     name = b"direct-tcpip"
 
     def openFailed(self, reason: Any) -> None:
-        pass
+        if self.budget is not None:
+            self.budget.close(self)
 
 
 class InitiatorEnd(CircuitEnd):
@@ -234,6 +247,8 @@ class InitiatorEnd(CircuitEnd):
             self.opened.callback(self)
 
     def openFailed(self, reason: Any) -> None:
+        if self.budget is not None:
+            self.budget.close(self)
         if not self.abandoned:
             self.opened.errback(reason)
 

@@ -58,6 +58,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _size_or_off(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024); 0 means no limit."""
+    stripped = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(stripped[-1:], 0)
+    try:
+        value = int(stripped[:-1] if scale else stripped) * (scale or 1)
+    except ValueError:
+        raise ValueError("expected a size such as 64M, 1G or 65536 (0: no limit)") from None
+    if value != 0 and not 65536 <= value <= 1 << 40:
+        raise ValueError("expected 0 (no limit) or a size from 64K to 1024G")
+    return value
+
+
 def _text(text: str) -> str:
     return text.strip()
 
@@ -199,6 +212,35 @@ SCHEMA: tuple[Setting, ...] = (
         _int_range(32768, 16 * 1024 * 1024),
         "2097152",
         "receive window per circuit end, bytes",
+    ),
+    Setting(
+        "server",
+        "memory_per_connection",
+        _size_or_off,
+        "64M",
+        "circuit window memory one connection may hold (K/M/G; 0: no limit)",
+    ),
+    Setting(
+        "server",
+        "memory_total",
+        _size_or_off,
+        "1G",
+        "circuit window memory of the whole server; new circuits are refused beyond it"
+        " (K/M/G; 0: no limit)",
+    ),
+    Setting(
+        "server",
+        "max_connections_per_key",
+        _int_range(0, 1000000),
+        "1024",
+        "authenticated connections with one key (0: no limit)",
+    ),
+    Setting(
+        "server",
+        "max_connections_per_source",
+        _int_range(0, 1000000),
+        "1024",
+        "authenticated connections from one address or IPv6 /64 (0: no limit)",
     ),
     Setting(
         "server",

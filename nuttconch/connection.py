@@ -21,6 +21,7 @@ from twisted.conch.ssh import transport as conch_transport
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from .budget import budget_of
 from .circuit import Circuit, ClientEnd, InitiatorEnd
 from .logs import conch_logger
 from .names import escape
@@ -493,6 +494,11 @@ class SwitchboardConnection(connection.SSHConnection):
             avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
         target = f"{listener.connect_name}:{port}"
+        budget = budget_of(self)
+        short = budget.refusal() if budget is not None else None
+        if short is not None:
+            self.transport.factory.circuitFailed(target, "refused", short)
+            raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
         circuit = Circuit(next(_circuit_ids), target, peer)
         origin = (peer, self.transport.transport.getPeer().port)
         try:

@@ -20,6 +20,7 @@ from twisted.python import threadable
 
 from . import authkeys
 from .auth import SwitchboardUserAuth, login_names
+from .budget import ConnectionLimits, MemoryBudget
 from .connection import SwitchboardConnection
 from .limits import Penalties, Startups
 from .logs import conch_logger
@@ -75,6 +76,12 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             if exempt
             else (lambda h: False),
             enabled=config.per_source_penalties,
+        )
+        self.budget = MemoryBudget(
+            config.memory_per_connection, config.memory_total, config.channel_window
+        )
+        self.connectionLimits = ConnectionLimits(
+            config.max_connections_per_key, config.max_connections_per_source
         )
         self.dropped = 0
         # Unauthenticated transports in arrival order (a dict used as an ordered set).

@@ -47,6 +47,11 @@ def _value_for(setting: config.Setting) -> st.SearchStrategy[tuple[str, object]]
         return st.integers(1, 1000).map(lambda n: (str(n), n))
     if key == "per_source_max_startups":
         return st.integers(1, 100000).map(lambda n: (str(n), n))
+    if key in ("memory_per_connection", "memory_total"):
+        kib = st.one_of(st.just(0), st.integers(64, 1 << 30))
+        return kib.map(lambda k: (f"{k}K", k * 1024))
+    if key in ("max_connections_per_key", "max_connections_per_source"):
+        return st.integers(0, 1000000).map(lambda n: (str(n), n))
     if key == "level":
         return st.sampled_from(["debug", "info", "warn", "error"]).map(lambda v: (v, v))
     if key == "format":

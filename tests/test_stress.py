@@ -120,8 +120,13 @@ class StressTests(ThreatMixin, unittest.TestCase):
         """Case 26: idle authenticated connections without forwards are closed after the
         unused-connection timeout; idle initiators are kept and dead ones found by keepalive."""
         yield self.stopServer()
+        # Many connections with one key from one address, on purpose: no caps on those.
         self.startServer(
-            unused_connection_timeout="60", max_startups="1000", per_source_max_startups="1000"
+            unused_connection_timeout="60",
+            max_startups="1000",
+            per_source_max_startups="1000",
+            max_connections_per_key="0",
+            max_connections_per_source="0",
         )
         self.legit = self.key("legit7", options='access="listen",access="initiate"')
         clock = task.Clock()

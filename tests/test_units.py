@@ -59,6 +59,10 @@ DEFAULT_VALUES = {
     "max_forwards": 64,
     "max_channels": 1024,
     "channel_window": 2097152,
+    "memory_per_connection": 64 * 1024 * 1024,
+    "memory_total": 1024 * 1024 * 1024,
+    "max_connections_per_key": 1024,
+    "max_connections_per_source": 1024,
     "per_source_penalties": True,
     "per_source_penalty_exempt_list": "",
     "ciphers": (
