@@ -160,7 +160,11 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("server", "enable_shell", _bool, "true", "admin keys get an interactive shell"),
     Setting("keys", "host_key_dir", _text, "keys", "directory for host keys and secrets"),
     Setting(
-        "keys", "host_key_ecdsa", _text, "%(host_key_dir)s/ssh_host_ecdsa_key", "ECDSA host key"
+        "keys",
+        "host_key_ecdsa",
+        _text,
+        "%(host_key_dir)s/ssh_host_ecdsa_key",
+        "ECDSA host key, offered if it exists (never generated)",
     ),
     Setting(
         "keys",
@@ -254,16 +258,17 @@ SCHEMA: tuple[Setting, ...] = (
         "server",
         "macs",
         _algorithm_names("macs"),
-        "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512",
-        "MACs for the CTR ciphers, best first (OpenSSH MACs syntax)",
+        "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com",
+        "MACs for the CTR ciphers, best first (OpenSSH MACs syntax;"
+        " +hmac-sha2-256,hmac-sha2-512 adds encrypt-and-MAC)",
     ),
     Setting(
         "server",
         "kex_algorithms",
         _algorithm_names("kex_algorithms"),
-        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,"
-        "ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521",
-        "key exchange algorithms, best first (OpenSSH KexAlgorithms syntax)",
+        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org",
+        "key exchange algorithms, best first (OpenSSH KexAlgorithms syntax;"
+        " +ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521 adds NIST ECDH)",
     ),
     Setting(
         "server",

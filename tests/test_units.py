@@ -76,16 +76,11 @@ DEFAULT_VALUES = {
     "macs": (
         b"hmac-sha2-256-etm@openssh.com",
         b"hmac-sha2-512-etm@openssh.com",
-        b"hmac-sha2-256",
-        b"hmac-sha2-512",
     ),
     "kex_algorithms": (
         b"mlkem768x25519-sha256",
         b"curve25519-sha256",
         b"curve25519-sha256@libssh.org",
-        b"ecdh-sha2-nistp256",
-        b"ecdh-sha2-nistp384",
-        b"ecdh-sha2-nistp521",
     ),
     "listen": "",
     "per_name_labels": False,
