@@ -126,6 +126,8 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     doc: str
+    # Read without %(name)s interpolation: the value has its own % tokens.
+    raw: bool = False
 
 
 SCHEMA: tuple[Setting, ...] = (
@@ -180,6 +182,36 @@ SCHEMA: tuple[Setting, ...] = (
         _text,
         "%(host_key_dir)s/authorized_keys",
         "authorized_keys in OpenSSH format",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command",
+        lambda text: _key_command(text),
+        "",
+        "program (absolute path) run for keys authorized_keys lacks, with arguments;"
+        " tokens %u %t %f %k; prints authorized_keys lines (empty: off)",
+        raw=True,
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_timeout",
+        lambda text: _positive_seconds(text),
+        "5",
+        "authorized_keys_command is killed and the login refused after this time",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_max_output",
+        _int_range(1024, 16 * 1024 * 1024),
+        "65536",
+        "bytes authorized_keys_command may print; past it it is killed and the login refused",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_cache",
+        _seconds,
+        "60",
+        "how long an answer of authorized_keys_command is reused for the same key (0: never)",
     ),
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
@@ -320,6 +352,19 @@ SCHEMA: tuple[Setting, ...] = (
 )
 
 
+def _key_command(text: str) -> tuple[str, ...]:
+    from .keycommand import parse_command
+
+    return parse_command(text)
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("expected a time above 0, such as 5 or 30s")
+    return value
+
+
 def _endpoint_or_off(text: str) -> str:
     """A Twisted server endpoint; a bare port number means loopback only."""
     value = text.strip()
@@ -422,7 +467,7 @@ def load(path: str | None = None, *, required: bool = False) -> Config:
     values: dict[str, Any] = {}
     for s in SCHEMA:
         try:
-            raw = parser.get(s.section, s.key)
+            raw = parser.get(s.section, s.key, raw=s.raw)
         except configparser.Error as exc:
             raise ConfigError(f"{resolved}: [{s.section}] {s.key}: {exc.message}") from None
         try:
