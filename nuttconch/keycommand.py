@@ -20,6 +20,7 @@ otherwise run the command twice per login.
 
 from __future__ import annotations
 
+import base64
 import shlex
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -210,8 +211,6 @@ class KeyCommand:
         return d
 
     def _run(self, username: str, keytype: str, blob: bytes) -> defer.Deferred[bytes]:
-        import base64
-
         argv = expand(
             self.template,
             {

@@ -132,16 +132,16 @@ class NewInstallationMixin(SwitchboardTestMixin):
 
     migrated = False
 
+    @defer.inlineCallbacks
     def setUp(self) -> Any:
-        result = super().setUp()
+        yield super().setUp()
         # The harness copied in host keys, ECDSA included; start again as a new
         # installation would (or keep them, for a migration).
-        self.listening.stopListening()
+        yield self.listening.stopListening()
         self.listening = None
         if not self.migrated:
             shutil.rmtree(self.keydir)
             os.makedirs(self.keydir)
-        return result
 
     def writeConfig(self, **overrides: str) -> str:
         """Only what a test needs to run: listen on loopback, exempt it from penalties
