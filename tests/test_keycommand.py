@@ -344,6 +344,7 @@ class KeyCommandE2ETests(KeyCommandE2EMixin, unittest.TestCase):
             ("printf '<html>404</html>\\n'", b"this key is not authorized", "1 unreadable lines ignored"),  # noqa: E501
             ("kill -9 $$", b"the server could not look up your key", "killed by signal 9"),
         ]  # fmt: skip
+        before = self.readKeys()
         for body, shown, logged in table:
             self.logged.clear()
             self.setScript(body)
@@ -356,6 +357,7 @@ class KeyCommandE2ETests(KeyCommandE2EMixin, unittest.TestCase):
             self.assertEqual((out, code), (b"", 255), body)
             self.assertIn(b"nuttconch: " + shown, err, (body, err))
             self.assertIn(logged, self.logText(), body)
+        self.assertEqual(self.readKeys(), before, "nothing is added to or lost from the file")
         # The server is fine: a file key logs in.
         out, err, code = yield self.ssh(self.key("ok", options=""), "ok", command=("whoami",))
         self.assertEqual(code, 0, err)
