@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.conch import error as conch_error
@@ -65,6 +65,8 @@ class Identity:
     peer: str = ""
     new_key: bool = False
     lineno: int = 0
+    # Admitted by a line from authorized_keys_command, not from the file.
+    external: bool = False
 
     @property
     def connect_name(self) -> str:
@@ -173,7 +175,9 @@ class AuthorizedKeysChecker:
         enable_auth: bool = True,
         allow_new_clients: bool = True,
         first_use: FirstUseLimiter | None = None,
+        key_command: Any = None,
     ) -> None:
+        self.key_command = key_command
         self.keys_file = keys_file
         self.secret = secret
         self.enable_auth = enable_auth
@@ -259,7 +263,10 @@ class AuthorizedKeysChecker:
         username: str,
         key: keys.Key,
         entry: authkeys.AuthorizedKey | None,
+        external: bool = False,
     ) -> Any:
+        if self.enable_auth and entry is None and self.key_command and not external:
+            return self._ask_command(credentials, info, username, key)
         if self.enable_auth:
             if entry is not None:
                 self._enforce(entry, info)
@@ -283,7 +290,32 @@ class AuthorizedKeysChecker:
         if entry is None:
             self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
-        return self._identity(username, key, entry, entry.access - {"denied"}, info)
+        identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+        return replace(identity, external=True) if external else identity
+
+    def _ask_command(
+        self, credentials: Any, info: ConnectionInfo, username: str, key: keys.Key
+    ) -> Any:
+        """authorized_keys has no line for this key: authorized_keys_command's line (or
+        none) is decided like a file's; a command that fails refuses the login."""
+        from .keycommand import KeyCommandError
+
+        d = self.key_command.lookup(
+            username, key.sshType().decode("ascii"), key.blob(), info.conn_id
+        )
+
+        def failed(reason: Failure) -> None:
+            reason.trap(KeyCommandError)
+            raise Refused(
+                "the server could not look up your key; try again later",
+                reason="authorized_keys_command failed",
+            )
+
+        d.addCallbacks(
+            lambda found: self._decide(credentials, info, username, key, found, external=True),
+            failed,
+        )
+        return d
 
     def _first_use_allowed(self, info: ConnectionInfo) -> None:
         why = self.first_use.refusal(info.peer, self.keys_file.first_use_count)

@@ -113,7 +113,11 @@ _NONE_CIPHER = CipherSpec("none", 0, 0, 8)
 
 # OpenSSH 9's default preference order, restricted to what we implement.
 DEFAULT_CIPHERS: tuple[bytes, ...] = tuple(CIPHERS)
-DEFAULT_MACS: tuple[bytes, ...] = tuple(MACS)
+# Offered by default: what a third-party audit (ssh-audit) passes without a warning.
+# Encrypt-and-MAC (plain hmac-sha2-*) stays available through ``macs = +hmac-sha2-256``:
+# OpenSSH, Dropbear, PuTTY, paramiko and asyncssh have EtM or an AEAD cipher (which needs
+# no MAC); Twisted Conch's own client has neither and needs that line.
+DEFAULT_MACS: tuple[bytes, ...] = tuple(name for name, spec in MACS.items() if spec.etm)
 KNOWN_KEX: tuple[bytes, ...] = (
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",
@@ -122,14 +126,18 @@ KNOWN_KEX: tuple[bytes, ...] = (
     b"ecdh-sha2-nistp384",
     b"ecdh-sha2-nistp521",
 )
+# The NIST-curve exchanges are an audit failure (curves of unexplained origin); every
+# OpenSSH since 6.5, Dropbear, PuTTY, paramiko and asyncssh have curve25519.  They stay
+# available through ``kex_algorithms = +ecdh-sha2-nistp256``.
+DEFAULT_KEX: tuple[bytes, ...] = tuple(k for k in KNOWN_KEX if not k.startswith(b"ecdh-"))
 
 
-def available_kex() -> tuple[bytes, ...]:
-    """KNOWN_KEX restricted to what this Conch/cryptography build can do."""
+def available_kex(names: tuple[bytes, ...] = KNOWN_KEX) -> tuple[bytes, ...]:
+    """``names`` restricted to what this Conch/cryptography build can do."""
     from twisted.conch.ssh import _kex
 
     supported = set(_kex.getSupportedKeyExchanges())
-    return tuple(k for k in KNOWN_KEX if k in supported)
+    return tuple(k for k in names if k in supported)
 
 
 def parse_algorithms(kind: str, text: str) -> tuple[bytes, ...]:
@@ -138,7 +146,7 @@ def parse_algorithms(kind: str, text: str) -> tuple[bytes, ...]:
     known, default = {
         "ciphers": (tuple(CIPHERS), DEFAULT_CIPHERS),
         "macs": (tuple(MACS), DEFAULT_MACS),
-        "kex_algorithms": (KNOWN_KEX, KNOWN_KEX),
+        "kex_algorithms": (KNOWN_KEX, DEFAULT_KEX),
     }[kind]
     text = text.strip()
     op = text[:1] if text[:1] in "+-^" else ""

@@ -229,6 +229,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
         if entry is None:
+            if identity.external:
+                return None  # admitted by authorized_keys_command; the file never had it
             return "key removed from authorized_keys"
         if entry.denied:
             return "key denied in authorized_keys"

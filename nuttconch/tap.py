@@ -18,6 +18,7 @@ from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+from .keycommand import KeyCommand
 from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
@@ -123,6 +124,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         first_use=FirstUseLimiter(
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
+        key_command=_key_command(cfg),
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")
@@ -131,6 +133,19 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     factory.watchKeys(keys_file)
     factory.checker = checker
     return factory, registry
+
+
+def _key_command(cfg: configmod.Config) -> KeyCommand | None:
+    """authorized_keys_command, if configured."""
+    if not cfg.authorized_keys_command:
+        return None
+    return KeyCommand(
+        cfg.authorized_keys_command,
+        reactor,
+        timeout=cfg.authorized_keys_command_timeout,
+        max_output=cfg.authorized_keys_command_max_output,
+        cache_time=cfg.authorized_keys_command_cache,
+    )
 
 
 def makeService(options: Options) -> service.IService:
