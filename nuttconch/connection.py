@@ -22,7 +22,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .budget import budget_of
-from .circuit import Circuit, ClientEnd, InitiatorEnd
+from .circuit import Circuit, ClientEnd, ICircuitEnd, InitiatorEnd, IPendingEnd, OpenRefused
 from .logs import conch_logger
 from .names import escape
 from .registry import NotFound
@@ -89,15 +89,6 @@ def peer_text(value: bytes | str) -> str:
     if len(value) > PEER_TEXT_MAX or len(text) > PEER_TEXT_MAX:
         return text[:PEER_TEXT_MAX] + "..."
     return text
-
-
-class OpenRefused(Exception):
-    """A channel open we refuse; ``code`` is the SSH reason code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class SwitchboardConnection(connection.SSHConnection):
@@ -525,7 +516,7 @@ class SwitchboardConnection(connection.SSHConnection):
         self.touch()
         return end
 
-    def completeOpen(self, pending: PendingOpen, initiatorEnd: InitiatorEnd) -> None:
+    def completeOpen(self, pending: PendingOpen, initiatorEnd: ICircuitEnd) -> None:
         """The initiator accepted: register and confirm the client's channel, then splice."""
         del self.pendingOpens[pending.senderChannel]
         client = ClientEnd(
@@ -589,7 +580,7 @@ class PendingOpen:
         windowSize: int,
         maxPacket: int,
         circuit: Circuit,
-        initiatorEnd: InitiatorEnd,
+        initiatorEnd: IPendingEnd,
     ) -> None:
         self.conn = conn
         self.senderChannel = senderChannel
@@ -610,7 +601,7 @@ class PendingOpen:
             self.timer.cancel()
         self.timer = None
 
-    def _accepted(self, end: InitiatorEnd) -> None:
+    def _accepted(self, end: ICircuitEnd) -> None:
         self._stopTimer()
         if self.conn.stopped:
             end.loseConnection()
@@ -630,10 +621,10 @@ class PendingOpen:
 
     def _timedOut(self) -> None:
         self.timer = None
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()
         self.conn.failOpen(self, "initiator did not answer in time", "timeout")
 
     def cancel(self) -> None:
         """The client connection is going away: drop the initiator side when it answers."""
         self._stopTimer()
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()
