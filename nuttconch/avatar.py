@@ -94,14 +94,8 @@ class SwitchboardAvatar(ConchUser):
             self._refuseForward(f"bad port {port}")
             return 0
         listener = self._ensureListener()
-        if port != 0 and port in listener.ports:
-            self._refuseForward(f"port {port} is already forwarded on this connection")
-            return 0
-        if len(listener.ports) >= self.config.max_forwards:
-            self._refuseForward(f"more than {self.config.max_forwards} forwards")
-            return 0
         try:
-            allocated = self.registry.add_port(listener, host, port)
+            allocated = self.registry.add_port(listener, host, port, limit=self.config.max_forwards)
         except PortInUse as exc:
             self._refuseForward(str(exc))
             return 0

@@ -383,9 +383,13 @@ class InitiatorEnd(CircuitEnd):
 class Circuit:
     """Bookkeeping for one spliced pair: ids, bytes and lifetime for logs and status."""
 
-    def __init__(self, circuit_id: int, target: str, client_peer: str) -> None:
+    def __init__(
+        self, circuit_id: int, target: str, client_peer: str, listener_id: str = ""
+    ) -> None:
         self.id = circuit_id
         self.target = target
+        # The registry's id of the listener this circuit reaches (see registry.Route).
+        self.listener_id = listener_id
         self.client_peer = client_peer
         self.started = time.monotonic()
         self.client: ICircuitEnd | None = None

@@ -472,7 +472,7 @@ class SwitchboardConnection(connection.SSHConnection):
             raise OpenRefused(OPEN_CONNECT_FAILED, "no such listener: bad name or port")
         registry = self.transport.factory.registry
         try:
-            listener, bindHost = registry.resolve(host, port)
+            route = registry.resolve(host, port)
         except NotFound as exc:
             log.info(
                 "conn {conn_id}: circuit to {target}:{port} refused: {reason}",
@@ -484,18 +484,16 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
-        target = f"{listener.connect_name}:{port}"
+        target = f"{route.name}:{port}"
         budget = budget_of(self)
         short = budget.refusal() if budget is not None else None
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(_circuit_ids), target, peer)
+        circuit = Circuit(next(_circuit_ids), target, peer, route.listener_id)
         origin = (peer, self.transport.transport.getPeer().port)
-        try:
-            initiatorEnd = listener.opener.openForwarded(bindHost, port, origin)
-        except OpenRefused:
-            raise
+        # Raises OpenRefused when the far end cannot even be asked.
+        initiatorEnd = route.opener.openForwarded(route.bind_host, port, origin)
         pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
         self.pendingOpens[senderChannel] = pending
         pending.start(self.config.channel_open_timeout, self.transport.clock)
