@@ -102,6 +102,21 @@ def raise_fd_limit() -> None:
             pass
 
 
+def make_registry(cfg: configmod.Config) -> Any:
+    """The in-memory registry, or with ``[cluster] redis_url`` the one shared over Redis."""
+    if not cfg.redis_url:
+        return InMemoryRegistry()
+    from .cluster.registry import RedisRegistry
+
+    return RedisRegistry(
+        cfg.redis_url,
+        cfg.node_name,
+        lease=cfg.lease_time,
+        timeout=cfg.redis_timeout,
+        info={"relay": cfg.relay_address},
+    )
+
+
 def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory, Any]:
     """Make the factory and its parts from a validated config (used by tests too)."""
     host_keys = load_host_keys(
@@ -114,7 +129,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     secret = load_or_create_secret(cfg.host_key_dir)
     keys_file = AuthorizedKeysFile(cfg.authorized_keys_file)
     keys_file.ensure_exists()
-    registry = InMemoryRegistry()
+    registry = make_registry(cfg)
     checker = AuthorizedKeysChecker(
         keys_file,
         secret,

@@ -93,9 +93,21 @@ class RedisClient:
             factory.initialDelay = self.initial_delay
             factory.maxDelay = self.max_delay
             factory.factor = 2.0
+            # The factory reports a refused AUTH or SELECT on this Deferred; unread, it
+            # would surface as an unhandled error far from here.
+            factory.deferred.addErrback(self._refused, role)
             factory.startConnecting(self.endpoint)
             self._factories[role] = factory
         return factory
+
+    def _refused(self, failure: Any, role: str) -> None:
+        self.last_error = failure.getErrorMessage()
+        log.warn(
+            "Redis at {address} refused the {role} connection: {why}",
+            address=self.address,
+            role=role,
+            why=self.last_error,
+        )
 
     def _deadline(self, d: defer.Deferred[Any], seconds: float, what: str) -> defer.Deferred[Any]:
         def explain(failure: Any) -> Any:

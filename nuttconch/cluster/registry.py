@@ -81,6 +81,10 @@ if not epoch then
   redis.call('SET', KEYS[3], ARGV[4])
   epoch = ARGV[4]
 end
+-- Every node carries the highest order value it has seen: after Redis lost its data a
+-- new registration must not take a value that another node is about to re-assert.
+local floor = tonumber(ARGV[7])
+if tonumber(redis.call('GET', KEYS[6]) or '0') < floor then redis.call('SET', KEYS[6], floor) end
 local had = redis.call('EXISTS', KEYS[1])
 if had == 0 and ARGV[5] == '0' then return {0, epoch} end
 if had == 0 then
@@ -222,8 +226,10 @@ class RedisRegistry(Service):
         self._remote: dict[str, dict[str, Listener]] = {}
         self._holders: dict[str, list[Listener]] | None = None
         self._max_seq = 0
+        self._provisional = 0
         self._syncing: set[str] = set()
         self._dirty: set[str] = set()
+        self._unsent: set[str] = set()
         self._epoch = ""
         self._last_id = "0-0"
         self._have_lease = False
@@ -232,7 +238,7 @@ class RedisRegistry(Service):
         self.cause = "not connected to Redis yet"
         self.last_event_at = 0.0
         self._loops: list[task.LoopingCall] = []
-        self._following = False
+        self._pause: defer.Deferred[Any] | None = None
         self._stopping = False
 
     # -- state seen by operators ------------------------------------------------------
@@ -281,7 +287,8 @@ class RedisRegistry(Service):
             listener.seq = 0  # type: ignore[attr-defined]
             # Newest until Redis gives it its place: a local lookup right after the
             # forward is answered must find it as name~0.
-            listener.order = self._max_seq + 1
+            self._provisional = max(self._provisional, self._max_seq) + 1
+            listener.order = self._provisional
             self._local[regid] = listener
             self._holders = None
             self._notify("up", listener, None)
@@ -415,13 +422,14 @@ class RedisRegistry(Service):
             d.addCallback(placed)
 
         def failed(failure: Any) -> None:
+            self._unsent.add(regid)
             if "NOLEASE" in failure.getErrorMessage():
                 self._have_lease = False
                 self._lease_ok = False
                 self._degrade("this node's lease lapsed; taking it again")
             else:
                 self._degrade(str(failure.value))
-            # Written again in full when the lease is next renewed.
+            # Written again, in its state by then, after the next heartbeat that succeeds.
 
         d.addErrback(failed)
         return d
@@ -435,8 +443,9 @@ class RedisRegistry(Service):
         d = self.redis.eval(
             BEAT,
             [self._k("node", self.node), self._k("nodes"), self._k("epoch"), self._k("log"),
-             self._k("reg", self.node)],
-            [self.node, int(self.lease * 1000), info, candidate, create, LOG_MAXLEN],
+             self._k("reg", self.node), self._k("seq")],
+            [self.node, int(self.lease * 1000), info, candidate, create, LOG_MAXLEN,
+             self._max_seq],
         )  # fmt: skip
 
         def answered(reply: Any) -> Any:
@@ -465,6 +474,10 @@ class RedisRegistry(Service):
                 fresh = True
             if fresh:
                 self._reassert()
+            else:
+                unsent, self._unsent = self._unsent, set()
+                for regid in sorted(unsent, key=self._order_of):
+                    self._sync(regid)
             self._recover()
             return None
 
@@ -476,8 +489,13 @@ class RedisRegistry(Service):
         d.addCallbacks(answered, failed)
         return d
 
+    def _order_of(self, regid: str) -> int:
+        listener = self._local.get(regid)
+        return listener.order if listener is not None else 0
+
     def _reassert(self) -> None:
         """Write every local registration again, oldest first, keeping its order value."""
+        self._unsent.clear()
         for listener in sorted(self._local.values(), key=lambda entry: entry.order):
             self._sync(listener.regid)  # type: ignore[attr-defined]
 
@@ -562,7 +580,11 @@ class RedisRegistry(Service):
                 self._replica_ok = False
                 self._holders = None
                 self._degrade(str(exc) if isinstance(exc, RedisUnavailable) else f"Redis: {exc}")
-                yield task.deferLater(self.reactor, 0.1, lambda: None)
+                self._pause = task.deferLater(self.reactor, 0.1, lambda: None)
+                try:
+                    yield self._pause
+                except defer.CancelledError:
+                    return
                 continue
             for _stream, entries in reply or []:
                 for entry_id, flat in entries:
@@ -591,6 +613,8 @@ class RedisRegistry(Service):
     def stopService(self) -> Any:
         """Leave at once: the other nodes drop this node's names now, not after its lease."""
         self._stopping = True
+        if self._pause is not None and not self._pause.called:
+            self._pause.cancel()
         for loop in self._loops:
             if loop.running:
                 loop.stop()

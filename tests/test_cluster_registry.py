@@ -1,0 +1,413 @@
+"""The shared registry on a real redis-server: replication, order, leases, faults.
+
+Several nodes run in this process as separate RedisRegistry services (each
+with its own Redis connections), and one as a subprocess where a real
+SIGKILL is needed.  Every wait is on a replica's state, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.protocols import portforward
+from twisted.trial import unittest
+
+from nuttconch import config as configmod
+from nuttconch.cluster.redisclient import RedisClient, RedisUnavailable
+from nuttconch.cluster.registry import RedisRegistry
+from nuttconch.registry import Listener, NotFound
+
+from .redisserver import RedisServer, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEASE = 2.0
+
+
+def listener(hostname: str, *aliases: str) -> Listener:
+    return Listener(hostname, (f"{hostname}-abcdefg", *aliases), peer="192.0.2.1")
+
+
+def holder(registry: RedisRegistry, target: str, port: int = 22) -> str:
+    """The hostname ``target`` resolves to on ``registry``'s node."""
+    return registry.resolve(target, port)[0].hostname
+
+
+def order_of(registry: RedisRegistry, name: str) -> list[str]:
+    return [x.hostname for x in registry.listeners() if name in x.aliases]
+
+
+class ClusterCase(unittest.TestCase):
+    """A redis-server and helpers to start nodes against it."""
+
+    persistent = False
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(os.path.abspath(self.mktemp()), persistent=self.persistent)
+        self.redis.start()
+        self.addCleanup(self.redis.kill)
+        self.nodes: list[RedisRegistry] = []
+
+    def node(self, name: str, url: str | None = None, lease: float = LEASE) -> RedisRegistry:
+        registry = RedisRegistry(url or self.redis.url, name, lease=lease, timeout=1.0)
+        registry.startService()
+        self.nodes.append(registry)
+        self.addCleanup(self._stop, registry)
+        return registry
+
+    def _stop(self, registry: RedisRegistry) -> Any:
+        if registry.running:
+            return registry.stopService()
+        return None
+
+    def synced(self, *nodes: RedisRegistry) -> defer.Deferred[Any]:
+        """Every node healthy and holding every node's listeners with their final order."""
+
+        def check() -> bool:
+            if not all(n.healthy for n in nodes):
+                return False
+            want = sorted((x.regid, x.order) for n in nodes for x in n.local_listeners())
+            if any(getattr(x, "seq", 0) != x.order for n in nodes for x in n.local_listeners()):
+                return False
+            return all(sorted((x.regid, x.order) for x in n.listeners()) == want for n in nodes)
+
+        def explain() -> str:
+            return "; ".join(
+                f"{n.node}: healthy={n.healthy} cause={n.cause!r}"
+                f" local={[(x.hostname, x.order, getattr(x, 'seq', 0)) for x in n.local_listeners()]}"
+                f" all={[(x.hostname, x.order) for x in n.listeners()]}"
+                for n in nodes
+            )
+
+        return wait_until(check, 10, "the replicas to agree", explain)
+
+
+class ConfigTests(unittest.TestCase):
+    """[cluster] keys: accepted values and the one-line errors for bad ones."""
+
+    GOOD = [
+        ("redis_url", "", ""),
+        ("redis_url", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis_url", "redis://:s3cret@redis.internal", "redis://:s3cret@redis.internal"),
+        ("redis_url", "unix:/run/redis/redis.sock?db=2", "unix:/run/redis/redis.sock?db=2"),
+        ("node_name", "", ""),
+        ("node_name", "edge-1_a", "edge-1_a"),
+        ("lease_time", "5", 5.0),
+        ("lease_time", "1m", 60.0),
+        ("redis_timeout", "0.5", 0.5),
+        ("relay_listen", "7000", "tcp:7000:interface=127.0.0.1"),
+        ("relay_address", "10.0.0.2:7000", "tcp:10.0.0.2:7000"),
+        ("relay_address", "unix:/run/nuttconch/relay.sock", "unix:/run/nuttconch/relay.sock"),
+    ]
+    BAD = [
+        ("redis_url", "http://x", "expected redis://host:port/db or unix:/path/to/redis.sock"),
+        ("redis_url", "redis://", "redis:// needs a host"),
+        ("redis_url", "redis://h/db", "the database after the host is a number"),
+        ("redis_url", "unix:relative.sock", "unix: needs an absolute socket path"),
+        ("node_name", "a b", "expected up to 63 letters, digits, - or _"),
+        ("node_name", "x" * 64, "expected up to 63 letters, digits, - or _"),
+        ("lease_time", "0.5", "expected a time from 1 to 60 seconds"),
+        ("lease_time", "2h", "expected a time from 1 to 60 seconds"),
+        ("redis_timeout", "soon", "expected a time such as 30"),
+        ("relay_address", "nowhere", "expected host:port or a Twisted client endpoint"),
+        ("relay_address", "h:70000", "expected a port from 1 to 65535"),
+    ]
+
+    def load(self, key: str, value: str) -> configmod.Config:
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write(f"[cluster]\n{key} = {value}\n")
+        return configmod.load(path)
+
+    def test_good_values(self) -> None:
+        """Each accepted spelling loads to the value the registry is built with."""
+        for key, text, want in self.GOOD:
+            self.assertEqual(self.load(key, text).values[key], want, (key, text))
+
+    def test_bad_values(self) -> None:
+        """Each bad value stops start-up with one line naming the key and the problem."""
+        for key, text, message in self.BAD:
+            exc = self.assertRaises(configmod.ConfigError, self.load, key, text)
+            self.assertIn(f"[cluster] {key} = ", str(exc), (key, text))
+            self.assertIn(message, str(exc), (key, text))
+            self.assertNotIn("\n", str(exc))
+
+    def test_empty_url_keeps_the_in_memory_registry(self) -> None:
+        """Without redis_url nothing changes: a single node with the embedded registry."""
+        from nuttconch.registry import InMemoryRegistry
+        from nuttconch.tap import make_registry
+
+        self.assertIsInstance(make_registry(self.load("node_name", "a")), InMemoryRegistry)
+        made = make_registry(self.load("redis_url", "redis://127.0.0.1:1/0"))
+        self.assertIsInstance(made, RedisRegistry)
+
+
+class ReplicationTests(ClusterCase):
+    @defer.inlineCallbacks
+    def test_registration_reaches_other_nodes(self) -> Any:
+        """A port added on one node resolves on another; removing it removes it there."""
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        one = listener("one", "web")
+        started = time.perf_counter()
+        a.add_port(one, "localhost", 22)
+        seen = yield wait_until(lambda: b.listeners(), 5, "b to see one")
+        lag_ms = (time.perf_counter() - started) * 1000
+        self.assertEqual([x.hostname for x in seen], ["one"])
+        remote, bind_host = b.resolve("web", 22)
+        self.assertEqual((remote.hostname, bind_host, remote.node), ("one", "localhost", "a"))
+        self.assertEqual(remote.peer, "192.0.2.1")
+        # Only the owner tells its observers (webhooks, gauges): once per event in the cluster.
+        a.add_port(one, "localhost", 80)
+        yield wait_until(lambda: 80 in b.resolve("web", 80)[0].ports, 5, "port 80 on b")
+        a.remove_listener(one)
+        yield wait_until(lambda: not b.listeners(), 5, "b to drop one")
+        self.assertRaises(NotFound, b.resolve, "web", 22)
+        print(f"\nreplication to another node: {lag_ms:.2f} ms")
+
+    @defer.inlineCallbacks
+    def test_newest_holder_across_three_nodes(self) -> Any:
+        """name~N is the same holder on every node: the global order is taken in Redis."""
+        nodes = [self.node(n) for n in ("a", "b", "c")]
+        yield self.synced(*nodes)
+        for i, n in enumerate([0, 1, 2, 0, 1]):
+            nodes[n].add_port(listener(f"h{i}", "web"), "", 22)
+            yield self.synced(*nodes)
+        for registry in nodes:
+            self.assertEqual([holder(registry, f"web~{k}") for k in range(5)],
+                             ["h4", "h3", "h2", "h1", "h0"])  # fmt: skip
+            exc = self.assertRaises(NotFound, registry.resolve, "web~5", 22)
+            self.assertEqual(str(exc), "no such listener: web~5 (5 hold web)")
+
+    @defer.inlineCallbacks
+    def test_one_order_value_per_registration(self) -> Any:
+        """Quick port changes while a write is in flight keep one order value, last state wins."""
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        one = listener("one", "web")
+        for port in range(1000, 1010):
+            a.add_port(one, "", port)
+        a.remove_port(one, 1000)
+        yield self.synced(a, b)
+        self.assertEqual(sorted(b.resolve("web", 1001)[0].ports), list(range(1001, 1010)))
+        self.assertEqual(int(self.redis.cli("GET", "nuttconch:seq")), 1)
+
+    @defer.inlineCallbacks
+    def test_graceful_stop_removes_at_once(self) -> Any:
+        """A node that stops leaves: the others drop its names without waiting for the lease."""
+        a, b = self.node("a", lease=30), self.node("b", lease=30)
+        yield self.synced(a, b)
+        a.add_port(listener("one", "web"), "", 22)
+        yield self.synced(a, b)
+        started = time.perf_counter()
+        yield a.stopService()
+        yield wait_until(lambda: not b.listeners(), 2, "b to drop a's names")
+        print(
+            f"\ngraceful stop to names gone elsewhere: {(time.perf_counter() - started) * 1000:.1f} ms"
+        )
+
+
+NODE_SCRIPT = """
+import sys
+from twisted.internet import reactor, task
+from nuttconch.cluster.registry import RedisRegistry
+from nuttconch.registry import Listener
+registry = RedisRegistry(sys.argv[1], "doomed", lease=float(sys.argv[2]), timeout=1.0)
+registry.startService()
+mine = Listener("victim", ("victim-abcdefg", "web"))
+registry.add_port(mine, "", 22)
+def ready():
+    if getattr(mine, "seq", 0):
+        print("ready", flush=True)
+        return
+    reactor.callLater(0.01, ready)
+ready()
+reactor.run()
+"""
+
+
+class FaultTests(ClusterCase):
+    @defer.inlineCallbacks
+    def test_sigkilled_node_names_gone_within_10s(self) -> Any:
+        """A node killed with SIGKILL has its names dropped on the others within 10 s."""
+        b = self.node("b")
+        yield self.synced(b)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", NODE_SCRIPT, self.redis.url, "5"],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        yield wait_until(lambda: "victim" in order_of(b, "web"), 20, "the subprocess node")
+        proc.kill()  # SIGKILL by pid: no LEAVE, no DEL
+        proc.wait()
+        started = time.perf_counter()
+        yield wait_until(lambda: not b.listeners(), 10, "the dead node's names to go")
+        gone = time.perf_counter() - started
+        self.assertRaises(NotFound, b.resolve, "web", 22)
+        print(f"\nSIGKILLed node (lease 5 s): names gone elsewhere after {gone:.2f} s")
+        self.assertLess(gone, 10)
+
+    @defer.inlineCallbacks
+    def test_redis_down_then_back(self) -> Any:
+        """Redis down: own names resolve, others fail naming the cause; back: same order."""
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        for i, registry in enumerate([a, b, a, b]):
+            registry.add_port(listener(f"h{i}", "web"), "", 22)
+        yield self.synced(a, b)
+        before = order_of(a, "web")
+        self.redis.kill()
+        yield wait_until(lambda: not a.healthy and not b.healthy, 10, "both nodes to notice")
+        self.assertIn(f"Redis at 127.0.0.1:{self.redis.port}", a.cause)
+        # Local circuits go on: a's own listeners still resolve, newest first.
+        self.assertEqual([holder(a, f"web~{k}") for k in range(2)], ["h2", "h0"])
+        exc = self.assertRaises(NotFound, a.resolve, "h1-abcdefg", 22)
+        self.assertIn(
+            "no such listener: h1-abcdefg on this node (cluster registry unavailable:", str(exc)
+        )
+        self.assertIn(f"127.0.0.1:{self.redis.port}", str(exc))
+        # A registration made while Redis is down is newer than everything before it.
+        a.add_port(listener("h4", "web"), "", 22)
+        self.redis.start()  # empty: no persistence in this case
+        started = time.perf_counter()
+        yield self.synced(a, b)
+        took = time.perf_counter() - started
+        self.assertEqual(order_of(a, "web"), ["h4", *before])
+        self.assertEqual(order_of(b, "web"), ["h4", *before])
+        print(f"\nRedis back (empty): nodes converged in {took:.2f} s with the original order")
+        self.assertLess(took, 5)
+
+    @defer.inlineCallbacks
+    def test_start_while_redis_down(self) -> Any:
+        """A node started while Redis is down starts degraded, serves its own, joins later."""
+        self.redis.kill()
+        a = self.node("a")
+        one = listener("one", "web")
+        a.add_port(one, "", 22)
+        self.assertFalse(a.healthy)
+        self.assertIs(a.resolve("web", 22)[0], one)
+        self.redis.start()
+        b = self.node("b")
+        yield self.synced(a, b)
+        self.assertEqual(holder(b, "web"), "one")
+
+
+class PersistentRedisTests(ClusterCase):
+    persistent = True
+
+    @defer.inlineCallbacks
+    def test_redis_restart_keeps_order(self) -> Any:
+        """Redis restarted with its data: nodes reconnect and agree again, order unchanged."""
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        for i, registry in enumerate([b, a, b]):
+            registry.add_port(listener(f"h{i}", "web"), "", 22)
+        yield self.synced(a, b)
+        before = order_of(b, "web")
+        self.redis.restart()
+        started = time.perf_counter()
+        # A registration after the restart proves both nodes write and follow again.
+        a.add_port(listener("h3", "web"), "", 22)
+        yield self.synced(a, b)
+        print(f"\nRedis restarted (appendonly): converged in {time.perf_counter() - started:.2f} s")
+        self.assertEqual(order_of(a, "web"), ["h3", *before])
+        self.assertEqual(order_of(b, "web"), ["h3", *before])
+
+
+class CutOffTests(ClusterCase):
+    @defer.inlineCallbacks
+    def test_node_cut_off_from_redis(self) -> Any:
+        """A node cut off from Redis serves its own; the others drop its names; it rejoins."""
+        proxies: list[Any] = []
+
+        class Proxy(portforward.ProxyFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                p = super().buildProtocol(addr)
+                proxies.append(p)
+                return p
+
+        port = reactor.listenTCP(0, Proxy("127.0.0.1", self.redis.port), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        via = f"redis://127.0.0.1:{port.getHost().port}/0"
+        a, b = self.node("a", url=via), self.node("b")
+        yield self.synced(a, b)
+        mine = listener("mine", "web")
+        a.add_port(mine, "", 22)
+        b.add_port(listener("theirs", "web"), "", 22)
+        yield self.synced(a, b)
+        before = order_of(b, "web")
+        # Cut: no new connections through the proxy, the open ones dropped.
+        number = port.getHost().port
+        yield port.stopListening()
+        for p in proxies:
+            p.transport.abortConnection()
+        started = time.perf_counter()
+        yield wait_until(lambda: order_of(b, "web") == ["theirs"], 10, "b to drop a's names")
+        print(
+            f"\ncut-off node's names dropped elsewhere after {time.perf_counter() - started:.2f} s"
+        )
+        self.assertFalse(a.healthy)
+        self.assertIs(a.resolve("web", 22)[0], mine)
+        # Reconnect on the same port: a takes its lease again and re-asserts, order kept.
+        port = reactor.listenTCP(number, Proxy("127.0.0.1", self.redis.port), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        started = time.perf_counter()
+        yield self.synced(a, b)
+        print(f"cut-off node back: converged in {time.perf_counter() - started:.2f} s")
+        self.assertEqual(order_of(b, "web"), before)
+        self.assertEqual(order_of(a, "web"), before)
+
+
+class AdapterTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_command_while_down_fails_in_time(self) -> Any:
+        """A command to a Redis that is not there fails after the deadline, naming it."""
+        client = RedisClient(reactor, "redis://127.0.0.1:1/0", 0.3)
+        self.addCleanup(client.close)
+        started = time.perf_counter()
+        failure = yield self.assertFailure(client.command("PING"), RedisUnavailable)
+        took = time.perf_counter() - started
+        self.assertIn("Redis at 127.0.0.1:1 did not answer PING within 0.3 s", str(failure))
+        self.assertLess(took, 2)
+
+    @defer.inlineCallbacks
+    def test_reconnects_after_refused_password(self) -> Any:
+        """A refused AUTH does not end reconnecting for good (txredisapi alone would stop)."""
+        redis = RedisServer(os.path.abspath(self.mktemp()))
+        redis.start()
+        self.addCleanup(redis.kill)
+        redis.cli("CONFIG", "SET", "requirepass", "right")
+        client = RedisClient(reactor, f"redis://:wrong@127.0.0.1:{redis.port}/0", 0.3)
+        self.addCleanup(client.close)
+        yield self.assertFailure(client.command("PING"), RedisUnavailable)
+        redis.cli("-a", "right", "--no-auth-warning", "CONFIG", "SET", "requirepass", "wrong")
+
+        @defer.inlineCallbacks
+        def ping() -> Any:
+            try:
+                reply = yield client.command("PING")
+            except RedisUnavailable:
+                return False
+            return reply == "PONG"
+
+        yield wait_until_deferred(ping, 10)
+
+
+@defer.inlineCallbacks
+def wait_until_deferred(attempt: Any, timeout: float) -> Any:
+    """Try an asynchronous check until it is true (each try has its own deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if (yield attempt()):
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s")
+        yield wait_until(lambda: True, 1)
