@@ -79,7 +79,7 @@ class ClusterCase(unittest.TestCase):
         def explain() -> str:
             return "; ".join(
                 f"{n.node}: healthy={n.healthy} cause={n.cause!r}"
-                f" local={[(x.hostname, x.order, getattr(x, 'seq', 0)) for x in n.local_listeners()]}"
+                f" local={[(x.hostname, x.order, x.seq) for x in n.local_listeners()]}"
                 f" all={[(x.hostname, x.order) for x in n.listeners()]}"
                 for n in nodes
             )
@@ -207,9 +207,8 @@ class ReplicationTests(ClusterCase):
         started = time.perf_counter()
         yield a.stopService()
         yield wait_until(lambda: not b.listeners(), 2, "b to drop a's names")
-        print(
-            f"\ngraceful stop to names gone elsewhere: {(time.perf_counter() - started) * 1000:.1f} ms"
-        )
+        took_ms = (time.perf_counter() - started) * 1000
+        print(f"\ngraceful stop to names gone elsewhere: {took_ms:.1f} ms")
 
 
 NODE_SCRIPT = """
