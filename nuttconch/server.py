@@ -341,6 +341,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             target=circuit.target,
             client=circuit.client_peer,
             latency=latency,
+            listener_id=circuit.listener_id,
         )
         circuit.onClose.append(self._circuitClosed)
 
