@@ -23,6 +23,7 @@ from nuttconch.cluster.registry import RedisRegistry
 from nuttconch.registry import Listener, NotFound
 
 from .redisserver import RedisServer, wait_until
+from .test_registry import RegistryContract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEASE = 2.0
@@ -34,7 +35,7 @@ def listener(hostname: str, *aliases: str) -> Listener:
 
 def holder(registry: RedisRegistry, target: str, port: int = 22) -> str:
     """The hostname ``target`` resolves to on ``registry``'s node."""
-    return registry.resolve(target, port)[0].hostname
+    return registry.find(target).hostname
 
 
 def order_of(registry: RedisRegistry, name: str) -> list[str]:
@@ -71,10 +72,10 @@ class ClusterCase(unittest.TestCase):
         def check() -> bool:
             if not all(n.healthy for n in nodes):
                 return False
-            want = sorted((x.regid, x.order) for n in nodes for x in n.local_listeners())
+            want = sorted((x.id, x.order) for n in nodes for x in n.local_listeners())
             if any(getattr(x, "seq", 0) != x.order for n in nodes for x in n.local_listeners()):
                 return False
-            return all(sorted((x.regid, x.order) for x in n.listeners()) == want for n in nodes)
+            return all(sorted((x.id, x.order) for x in n.listeners()) == want for n in nodes)
 
         def explain() -> str:
             return "; ".join(
@@ -147,6 +148,26 @@ class ConfigTests(unittest.TestCase):
         self.assertIsInstance(made, RedisRegistry)
 
 
+class RedisRegistryContractTests(RegistryContract, ClusterCase):
+    """The registry contract suite, run against a RedisRegistry on a real redis-server."""
+
+    node = "contract"
+
+    def makeRegistry(self, rng: Any = None) -> Any:
+        registry = RedisRegistry(self.redis.url, self.node, lease=LEASE, timeout=1.0, rng=rng)
+        registry.startService()
+        self.addCleanup(self._stop, registry)
+        return registry
+
+    def setUp(self) -> Any:  # type: ignore[override]
+        ClusterCase.setUp(self)
+        RegistryContract.setUp(self)
+        # After each test Redis holds what the registry holds (cleanups run last first).
+        self.addCleanup(lambda: self.synced(self.registry))
+        # Messages are those of a current replica: wait for it, then run the suite.
+        return wait_until(lambda: self.registry.healthy, 10, "the registry to join")
+
+
 class ReplicationTests(ClusterCase):
     @defer.inlineCallbacks
     def test_registration_reaches_other_nodes(self) -> Any:
@@ -159,12 +180,13 @@ class ReplicationTests(ClusterCase):
         seen = yield wait_until(lambda: b.listeners(), 5, "b to see one")
         lag_ms = (time.perf_counter() - started) * 1000
         self.assertEqual([x.hostname for x in seen], ["one"])
-        remote, bind_host = b.resolve("web", 22)
-        self.assertEqual((remote.hostname, bind_host, remote.node), ("one", "localhost", "a"))
-        self.assertEqual(remote.peer, "192.0.2.1")
+        route = b.resolve("web", 22)
+        self.assertEqual((route.listener_id, route.node, route.name, route.bind_host),
+                         (one.id, "a", "one-abcdefg", "localhost"))  # fmt: skip
+        self.assertEqual(b.find("web").peer, "192.0.2.1")
         # Only the owner tells its observers (webhooks, gauges): once per event in the cluster.
         a.add_port(one, "localhost", 80)
-        yield wait_until(lambda: 80 in b.resolve("web", 80)[0].ports, 5, "port 80 on b")
+        yield wait_until(lambda: b.resolve("web", 80), 5, "port 80 on b")
         a.remove_listener(one)
         yield wait_until(lambda: not b.listeners(), 5, "b to drop one")
         self.assertRaises(NotFound, b.resolve, "web", 22)
@@ -194,7 +216,7 @@ class ReplicationTests(ClusterCase):
             a.add_port(one, "", port)
         a.remove_port(one, 1000)
         yield self.synced(a, b)
-        self.assertEqual(sorted(b.resolve("web", 1001)[0].ports), list(range(1001, 1010)))
+        self.assertEqual(sorted(b.find("web").ports), list(range(1001, 1010)))
         self.assertEqual(int(self.redis.cli("GET", "nuttconch:seq")), 1)
 
     @defer.inlineCallbacks
@@ -266,6 +288,7 @@ class FaultTests(ClusterCase):
         self.assertIn(f"Redis at 127.0.0.1:{self.redis.port}", a.cause)
         # Local circuits go on: a's own listeners still resolve, newest first.
         self.assertEqual([holder(a, f"web~{k}") for k in range(2)], ["h2", "h0"])
+        self.assertEqual(a.resolve("web", 22).node, "a")
         exc = self.assertRaises(NotFound, a.resolve, "h1-abcdefg", 22)
         self.assertIn(
             "no such listener: h1-abcdefg on this node (cluster registry unavailable:", str(exc)
@@ -290,7 +313,7 @@ class FaultTests(ClusterCase):
         one = listener("one", "web")
         a.add_port(one, "", 22)
         self.assertFalse(a.healthy)
-        self.assertIs(a.resolve("web", 22)[0], one)
+        self.assertIs(a.find("web"), one)
         self.redis.start()
         b = self.node("b")
         yield self.synced(a, b)
@@ -352,7 +375,7 @@ class CutOffTests(ClusterCase):
             f"\ncut-off node's names dropped elsewhere after {time.perf_counter() - started:.2f} s"
         )
         self.assertFalse(a.healthy)
-        self.assertIs(a.resolve("web", 22)[0], mine)
+        self.assertIs(a.find("web"), mine)
         # Reconnect on the same port: a takes its lease again and re-asserts, order kept.
         port = reactor.listenTCP(number, Proxy("127.0.0.1", self.redis.port), interface="127.0.0.1")
         self.addCleanup(port.stopListening)

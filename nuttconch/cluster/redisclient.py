@@ -65,6 +65,7 @@ class RedisClient:
         self.endpoint, self.address, self.password, self.db = parse_url(reactor, url, timeout)
         self._factories: dict[str, txredisapi.RedisFactory] = {}
         self._closed = False
+        self._pending: set[defer.Deferred[Any]] = set()
         self.last_error = ""
 
     def _factory(self, role: str, reply_timeout: float) -> txredisapi.RedisFactory:
@@ -123,6 +124,13 @@ class RedisClient:
 
         d.addTimeout(seconds, self.reactor)
         d.addErrback(explain)
+        self._pending.add(d)
+
+        def settled(result: Any) -> Any:
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(settled)
         return d
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
@@ -156,5 +164,8 @@ class RedisClient:
     def close(self) -> defer.Deferred[Any]:
         """Stop reconnecting and close every connection."""
         self._closed = True
+        # Commands still waiting for a connection would otherwise keep their timers.
+        for pending in list(self._pending):
+            pending.cancel()
         factories, self._factories = list(self._factories.values()), {}
         return defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)

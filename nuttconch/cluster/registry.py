@@ -38,8 +38,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..circuit import IOpener, OpenRefused
 from ..names import escape, split_index
-from ..registry import EPHEMERAL_PORTS, IRegistry, Listener, NotFound, PortInUse
+from ..registry import EPHEMERAL_PORTS, IRegistry, Listener, NotFound, PortInUse, Route
 from .redisclient import RedisClient, RedisUnavailable
 
 log = Logger()
@@ -139,18 +140,30 @@ def default_node_name() -> str:
     return cleaned[:63] or "node"
 
 
+@implementer(IOpener)
 class RemoteOpener:
-    """Stands in for a listener held on another node until a hop is configured."""
+    """A listener held on another node: kicks go through Redis, circuits need the hop.
 
-    def __init__(self, node: str) -> None:
-        self.node = node
+    The hop (another module) replaces ``RedisRegistry.remote_opener`` with one
+    that opens circuits; until then a circuit to another node's listener is
+    refused with a message that says where the listener is.
+    """
+
+    def __init__(self, registry: RedisRegistry, listener: Listener) -> None:
+        self.registry = registry
+        self.node = listener.node
+        self.listener_id = listener.id
 
     def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> Any:
-        from ..connection import OPEN_CONNECT_FAILED, OpenRefused
+        from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 
         raise OpenRefused(
             OPEN_CONNECT_FAILED, f"held on node {self.node}, which this node has no hop to"
         )
+
+    def disconnect(self, reason: str) -> bool:
+        """Ask the owning node, through the log, to drop the listener's connection."""
+        return self.registry.kick_remote(self.node, self.listener_id, reason)
 
 
 def _encode(listener: Listener) -> str:
@@ -180,8 +193,8 @@ def _decode(node: str, regid: str, value: str) -> Listener:
     listener.ports = {int(port): str(host) for port, host in data["p"].items()}
     listener.connected_since = float(data.get("since", 0))
     listener.order = int(seq_text)
-    listener.node = node  # type: ignore[attr-defined]
-    listener.regid = regid  # type: ignore[attr-defined]
+    listener.node = node
+    listener.id = regid
     return listener
 
 
@@ -219,10 +232,12 @@ class RedisRegistry(Service):
         self.redis = RedisClient(reactor, url, timeout)
         self._rng = rng or random.SystemRandom()
         self.observers: list[Callable[[str, Listener, int | None], None]] = []
-        #: Callable (node, listener) -> opener for listeners on other nodes (the hop).
-        self.remote_opener: Callable[[str, Listener], Any] = lambda node, _: RemoteOpener(node)
+        #: Callable (registry, listener) -> IOpener for listeners on other nodes (the hop).
+        self.remote_opener: Callable[[RedisRegistry, Listener], Any] = RemoteOpener
         self._local: dict[str, Listener] = {}
-        self._regids = (f"{os.getpid():x}.{n}" for n in itertools.count(1))
+        # Unique across restarts of this node too: "node/instance.n".
+        instance = f"{self._rng.getrandbits(32):08x}"
+        self._ids = (f"{self.node}/{instance}.{n}" for n in itertools.count(1))
         self._remote: dict[str, dict[str, Listener]] = {}
         self._holders: dict[str, list[Listener]] | None = None
         self._max_seq = 0
@@ -269,7 +284,13 @@ class RedisRegistry(Service):
         for observer in list(self.observers):
             observer(event, listener, port)
 
-    def add_port(self, listener: Listener, bind_host: str, port: int) -> int:
+    def add_port(
+        self, listener: Listener, bind_host: str, port: int, limit: int | None = None
+    ) -> int:
+        if port != 0 and port in listener.ports:
+            raise PortInUse(f"port {port} is already forwarded on this connection")
+        if limit is not None and len(listener.ports) >= limit:
+            raise PortInUse(f"more than {limit} forwards")
         if port == 0:
             free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
             if not free:
@@ -277,14 +298,13 @@ class RedisRegistry(Service):
                 if not free:
                     raise PortInUse("no free virtual port is left on this connection")
             port = free[0]
-        elif port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
         listener.ports[port] = bind_host
         if len(listener.ports) == 1:
-            regid = next(self._regids)
-            listener.node = self.node  # type: ignore[attr-defined]
-            listener.regid = regid  # type: ignore[attr-defined]
-            listener.seq = 0  # type: ignore[attr-defined]
+            if not listener.id:
+                listener.id = next(self._ids)
+                listener.node = self.node
+            regid = listener.id
+            listener.seq = 0  # type: ignore[attr-defined]  # a new registration, a new order
             # Newest until Redis gives it its place: a local lookup right after the
             # forward is answered must find it as name~0.
             self._provisional = max(self._provisional, self._max_seq) + 1
@@ -293,7 +313,7 @@ class RedisRegistry(Service):
             self._holders = None
             self._notify("up", listener, None)
         self._notify("port-added", listener, port)
-        self._sync(listener.regid)  # type: ignore[attr-defined]
+        self._sync(listener.id)
         return port
 
     def remove_port(self, listener: Listener, port: int) -> bool:
@@ -303,7 +323,7 @@ class RedisRegistry(Service):
         if not listener.ports:
             self._unlink(listener)
         else:
-            self._sync(listener.regid)  # type: ignore[attr-defined]
+            self._sync(listener.id)
         return True
 
     def remove_listener(self, listener: Listener) -> None:
@@ -314,9 +334,10 @@ class RedisRegistry(Service):
         self._unlink(listener)
 
     def _unlink(self, listener: Listener) -> None:
-        regid = getattr(listener, "regid", None)
-        if regid is None or self._local.pop(regid, None) is None:
+        regid = listener.id
+        if not regid or self._local.get(regid) is not listener:
             return
+        del self._local[regid]
         self._holders = None
         self._notify("down", listener, None)
         self._sync(regid)
@@ -335,7 +356,7 @@ class RedisRegistry(Service):
             self._holders = holders
         return self._holders
 
-    def resolve(self, target: str, port: int) -> tuple[Listener, str]:
+    def _holder(self, target: str) -> tuple[Listener, str]:
         name, index = split_index(target.lower())
         holders = self._index().get(name)
         shown = escape(name)
@@ -346,11 +367,17 @@ class RedisRegistry(Service):
             raise NotFound(f"no such listener: {shown}{why}")
         if index >= len(holders):
             raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown}){why}")
-        listener = holders[index]
+        return holders[index], shown
+
+    def resolve(self, target: str, port: int) -> Route:
+        listener, shown = self._holder(target)
         bind_host = listener.ports.get(port)
         if bind_host is None:
             raise NotFound(f"no such port: {shown} has no port {port}")
-        return listener, bind_host
+        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
+
+    def find(self, target: str) -> Listener:
+        return self._holder(target)[0]
 
     def listeners(self) -> list[Listener]:
         entries = list(self._local.values())
@@ -497,7 +524,7 @@ class RedisRegistry(Service):
         """Write every local registration again, oldest first, keeping its order value."""
         self._unsent.clear()
         for listener in sorted(self._local.values(), key=lambda entry: entry.order):
-            self._sync(listener.regid)  # type: ignore[attr-defined]
+            self._sync(listener.id)
 
     def _reap(self) -> defer.Deferred[Any]:
         d = self.redis.eval(REAP, [self._k("nodes"), self._k("log")], [self.prefix, LOG_MAXLEN])
@@ -539,12 +566,33 @@ class RedisRegistry(Service):
 
     def _remote_listener(self, node: str, regid: str, value: str) -> Listener:
         listener = _decode(node, regid, value)
-        listener.opener = self.remote_opener(node, listener)
+        listener.opener = self.remote_opener(self, listener)
         self._max_seq = max(self._max_seq, listener.order)
         return listener
 
+    def kick_remote(self, node: str, listener_id: str, reason: str) -> bool:
+        """Publish a kick for another node's listener; its node drops the connection."""
+        if not self._replica_ok:
+            return False
+        d = self.redis.command(
+            "XADD", self._k("log"), "MAXLEN", "~", LOG_MAXLEN, "*",
+            "op", "kick", "node", node, "reg", listener_id, "why", reason[:200],
+        )  # fmt: skip
+        d.addErrback(lambda failure: log.warn("cluster: kick not sent: {why}", why=failure.value))
+        return True
+
     def _apply(self, fields: dict[str, str]) -> None:
         op, node = fields.get("op"), fields.get("node", "")
+        if op == "kick":
+            mine = self._local.get(fields.get("reg", "")) if node == self.node else None
+            if mine is not None and mine.opener is not None:
+                log.info(
+                    "cluster: {name} kicked from another node: {why}",
+                    name=mine.connect_name,
+                    why=escape(fields.get("why", "")),
+                )
+                mine.opener.disconnect(fields.get("why", "kicked"))
+            return
         if node == self.node and op != "down":
             return
         if op == "put":
