@@ -102,19 +102,24 @@ def raise_fd_limit() -> None:
             pass
 
 
-def make_registry(cfg: configmod.Config) -> Any:
+def make_registry(
+    cfg: configmod.Config, secret: bytes = b"", host_keys: dict[bytes, Any] | None = None
+) -> Any:
     """The in-memory registry, or with ``[cluster] redis_url`` the one shared over Redis."""
     if not cfg.redis_url:
         return InMemoryRegistry()
-    from .cluster.registry import RedisRegistry
+    from .cluster.registry import RedisRegistry, identity_of
 
-    return RedisRegistry(
+    registry = RedisRegistry(
         cfg.redis_url,
         cfg.node_name,
         lease=cfg.lease_time,
         timeout=cfg.redis_timeout,
         info={"relay": cfg.relay_address},
     )
+    if secret:
+        registry.identity = identity_of(secret, host_keys or {})
+    return registry
 
 
 def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory, Any]:
@@ -129,7 +134,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     secret = load_or_create_secret(cfg.host_key_dir)
     keys_file = AuthorizedKeysFile(cfg.authorized_keys_file)
     keys_file.ensure_exists()
-    registry = make_registry(cfg)
+    registry = make_registry(cfg, secret, host_keys)
     checker = AuthorizedKeysChecker(
         keys_file,
         secret,

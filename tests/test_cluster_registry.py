@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from nuttconch import config as configmod
 from nuttconch.cluster.redisclient import RedisClient, RedisUnavailable
-from nuttconch.cluster.registry import RedisRegistry
+from nuttconch.cluster.registry import RedisRegistry, identity_of
 from nuttconch.registry import Listener, NotFound
 
 from .redisserver import RedisServer, wait_until
@@ -233,10 +233,66 @@ class ReplicationTests(ClusterCase):
         print(f"\ngraceful stop to names gone elsewhere: {took_ms:.1f} ms")
 
 
+class IdentityTests(ClusterCase):
+    """Nodes must share the alias secret and host keys; a node that differs stays out."""
+
+    SECRET = b"s" * 32
+
+    def keys(self) -> dict[bytes, Any]:
+        from twisted.conch.ssh.keys import Key
+
+        from tests.harness import host_key_dir
+
+        with open(os.path.join(host_key_dir(), "ssh_host_ed25519_key"), "rb") as handle:
+            key = Key.fromString(handle.read())
+        return {key.sshType(): key}
+
+    def identified(self, name: str, secret: bytes, host_keys: dict[bytes, Any]) -> RedisRegistry:
+        registry = RedisRegistry(self.redis.url, name, lease=LEASE, timeout=1.0)
+        registry.identity = identity_of(secret, host_keys)
+        registry.startService()
+        self.addCleanup(self._stop, registry)
+        return registry
+
+    @defer.inlineCallbacks
+    def test_mismatch_refused_without_the_secret_in_redis(self) -> Any:
+        """A node with another alias secret or host keys does not join, and says why."""
+        keys = self.keys()
+        a = self.identified("a", self.SECRET, keys)
+        yield self.synced(a)
+        a.add_port(listener("one", "web"), "", 22)
+        cases = [
+            ("b", b"t" * 32, keys, ["alias secret"]),
+            ("c", self.SECRET, {}, ["host keys"]),
+            ("d", b"t" * 32, {}, ["alias secret", "host keys"]),
+        ]
+        for name, secret, host_keys, differ in cases:
+            other = self.identified(name, secret, host_keys)
+            yield wait_until(lambda other=other: other.refused, 10, f"{name} to refuse")
+            for what in differ:
+                self.assertIn(what, other.refused)
+            self.assertIn("not joining", other.cause)
+            self.assertFalse(other.healthy)
+            mine = listener(f"on-{name}", "web")
+            other.add_port(mine, "", 22)
+            # It serves its own, and the cluster never sees it.
+            self.assertIs(other.find("web"), mine)
+            yield self.synced(a)
+            self.assertEqual(order_of(a, "web"), ["one"])
+            self.assertNotIn(name, self.redis.cli("ZRANGE", "nuttconch:nodes", "0", "-1"))
+        stored = self.redis.cli("HGETALL", "nuttconch:identity")
+        self.assertNotIn(self.SECRET.decode(), stored)
+        self.assertNotIn(self.SECRET.hex(), stored)
+        # Same files: joins.
+        e = self.identified("e", self.SECRET, keys)
+        yield self.synced(a, e)
+        self.assertEqual(e.refused, "")
+
+
 NODE_SCRIPT = """
 import sys
 from twisted.internet import reactor, task
-from nuttconch.cluster.registry import RedisRegistry
+from nuttconch.cluster.registry import RedisRegistry, identity_of
 from nuttconch.registry import Listener
 registry = RedisRegistry(sys.argv[1], "doomed", lease=float(sys.argv[2]), timeout=1.0)
 registry.startService()

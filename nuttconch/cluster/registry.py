@@ -120,6 +120,39 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'op', 'down', 'node', A
 return 1
 """
 
+IDENTITY = """
+local out = {}
+for i = 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  table.insert(out, redis.call('HGET', KEYS[1], ARGV[i]))
+end
+return out
+"""
+
+#: What every node must share, as a description for the refusal message.
+IDENTITY_WHAT = {
+    "alias": "alias secret (keys/alias_secret: generated aliases would differ between nodes)",
+    "hostkeys": "host keys (clients would see a different host key on each node)",
+}
+
+
+def identity_of(secret: bytes, host_keys: dict[bytes, Any]) -> dict[str, str]:
+    """What a node publishes so that nodes can check they agree, without the secret itself.
+
+    The alias secret appears only as an HMAC under itself of a fixed text:
+    equal secrets give equal values, and the value does not let anyone
+    compute aliases.  Host keys appear as their public fingerprints.
+    """
+    import hashlib
+    import hmac
+
+    from twisted.conch.ssh.keys import FingerprintFormats
+
+    check = hmac.new(secret, b"nuttconch cluster alias secret check", hashlib.sha256).hexdigest()
+    prints = sorted(key.fingerprint(FingerprintFormats.SHA256_BASE64) for key in host_keys.values())
+    return {"alias": check, "hostkeys": " ".join(prints)}
+
+
 SNAPSHOT = """
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local lastid = '0-0'
@@ -229,6 +262,10 @@ class RedisRegistry(Service):
         self.lease = lease
         self.prefix = prefix
         self.info = dict(info or {})
+        #: Published and compared at join (see identity_of); empty: no check.
+        self.identity: dict[str, str] = {}
+        #: Why this node refuses to join ("" while it agrees with the cluster).
+        self.refused = ""
         self.redis = RedisClient(reactor, url, timeout)
         self._rng = rng or random.SystemRandom()
         self.observers: list[Callable[[str, Listener, int | None], None]] = []
@@ -463,7 +500,49 @@ class RedisRegistry(Service):
 
     # -- lease --------------------------------------------------------------------------
 
-    def _beat(self) -> defer.Deferred[Any]:
+    @defer.inlineCallbacks
+    def _check_identity(self) -> Any:
+        """True if this node's identity matches the cluster's (the first node's sets it)."""
+        if not self.identity:
+            return True
+        fields = sorted(self.identity.items())
+        reply = yield self.redis.eval(
+            IDENTITY, [self._k("identity")], [x for pair in fields for x in pair]
+        )
+        pairs = zip(fields, reply, strict=True)
+        wrong = [name for (name, mine), theirs in pairs if _text(theirs) != mine]
+        if not wrong:
+            if self.refused:
+                log.info("cluster: this node's identity now matches the cluster's")
+            self.refused = ""
+            return True
+        refused = "this node's " + " and ".join(IDENTITY_WHAT.get(n, n) for n in wrong)
+        refused += f" differ from the cluster's: not joining (delete {self._k('identity')}"
+        refused += " in Redis once every node has the same files)"
+        if refused != self.refused:
+            log.error("cluster: {why}", why=refused)
+        self.refused = refused
+        self.cause = refused
+        return False
+
+    @defer.inlineCallbacks
+    def _beat(self) -> Any:
+        if not self._have_lease:
+            try:
+                ok = yield self._check_identity()
+            except Exception as exc:
+                self._lease_ok = False
+                self._holders = None
+                self._degrade(str(exc))
+                return None
+            if not ok:
+                self._lease_ok = False
+                self._holders = None
+                return None
+        result = yield self._beat_once()
+        return result
+
+    def _beat_once(self) -> defer.Deferred[Any]:
         info = json.dumps({**self.info, "pid": os.getpid(), "at": time.time()})
         create = "0" if self._have_lease else "1"
         candidate = f"{self._rng.getrandbits(64):016x}"
@@ -485,7 +564,7 @@ class RedisRegistry(Service):
                     n=len(self._local),
                 )
                 self._have_lease = False
-                return self._beat()
+                return self._beat()  # the identity again too: Redis may have lost it
             fresh = not self._have_lease
             self._have_lease = True
             self._lease_ok = True
