@@ -21,7 +21,9 @@ from nuttconch import config as configmod
 from nuttconch.cluster.redisclient import RedisClient, RedisUnavailable
 from nuttconch.cluster.registry import RedisRegistry, identity_of
 from nuttconch.registry import Listener, NotFound
+from nuttconch.tap import build
 
+from .harness import SwitchboardTestMixin
 from .redisserver import RedisServer, wait_until
 from .test_registry import RegistryContract
 
@@ -489,3 +491,100 @@ def wait_until_deferred(attempt: Any, timeout: float) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s")
         yield wait_until(lambda: True, 1)
+
+
+class ClusterSSHTests(SwitchboardTestMixin, unittest.TestCase):
+    """Two nodes built as twistd builds them, driven by the real OpenSSH client."""
+
+    timeout = 120
+
+    def setUp(self) -> Any:
+        self.redis = RedisServer(os.path.abspath(self.mktemp()))
+        self.redis.start()
+        self.addCleanup(self.redis.kill)
+        self.node_name = "a"
+        result = super().setUp()
+        self.registry.startService()
+        self.addCleanup(self._stopRegistry, self.registry)
+        self.root = self.key("root", options='access="admin",access="list",access="listen"')
+        # Node b: the same keys directory (host keys, alias secret, authorized_keys),
+        # as two nodes on one machine would have; its own port and registry.
+        self.node_name = "b"
+        cfg_b = configmod.load(self.writeConfig())
+        self.factory_b, self.registry_b = build(cfg_b)
+        self.registry_b.startService()
+        self.addCleanup(self._stopRegistry, self.registry_b)
+        self.listening_b = reactor.listenTCP(0, self.factory_b, interface="127.0.0.1")
+        self.addCleanup(self.factory_b.disconnectAll)
+        self.addCleanup(self.listening_b.stopListening)
+        return result
+
+    def _stopRegistry(self, registry: Any) -> Any:
+        return registry.stopService() if registry.running else None
+
+    def writeConfig(self, **overrides: str) -> str:
+        path = super().writeConfig(**overrides)
+        with open(path, "a") as handle:
+            handle.write(
+                f"[cluster]\nredis_url = {self.redis.url}\nnode_name = {self.node_name}\n"
+                "lease_time = 2\nredis_timeout = 1\n"
+            )
+        return path
+
+    def on_b(self, *argv: str, extra: tuple[str, ...] = ()) -> Any:
+        """Run ssh against node b with the admin key."""
+        port, self.port = self.port, self.listening_b.getHost().port
+        try:
+            return self.ssh(self.root, "root", *extra, command=argv)
+        finally:
+            self.port = port
+
+    @defer.inlineCallbacks
+    def test_listeners_and_kick_across_nodes(self) -> Any:
+        """An initiator on a is listed on b with its node, name~N works there, kick from b
+        drops it on a, and a circuit through b names where the listener is."""
+        yield wait_until(lambda: self.registry.healthy and self.registry_b.healthy, 10, "join")
+        proc = yield self.initiator(self.key("dev"), "dev", "80:localhost:80")
+        entries = yield wait_until(self.registry_b.listeners, 10, "b to see dev")
+        self.assertEqual([(x.hostname, x.node) for x in entries], [("dev", "a")])
+        name = entries[0].connect_name
+        self.assertEqual(self.registry_b.find(f"{name}~0").node, "a")
+        out, err, code = yield self.on_b("listeners")
+        self.assertEqual(code, 0, err)
+        header, row = out.decode().splitlines()[:2]
+        self.assertEqual(header.split(), ["NAME", "ADDRESS", "ALIASES", "PORTS", "NODE"])
+        self.assertEqual((row.split()[0], row.split()[-1]), (name, "a"))
+        out, err, code = yield self.on_b("stats")
+        self.assertIn("cluster: node b, ok", out.decode())
+        self.assertIn("peers a,", out.decode())
+        # A circuit asked of b: refused (the hop is not here), saying where the name is.
+        _, err, code = yield self.on_b(extra=("-W", f"{name}:80"))
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"held on node a", err)
+        started = time.perf_counter()
+        out, err, code = yield self.on_b("kick", name)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"kicked {name}", out.decode())
+        _, err, _ = yield proc.ended
+        print(f"\nkick from b to the initiator's exit on a: {time.perf_counter() - started:.3f} s")
+        self.assertIn(b"kicked by an administrator", err)
+        yield wait_until(lambda: not self.registry_b.listeners(), 10, "b to drop dev")
+
+    @defer.inlineCallbacks
+    def test_redis_down_seen_by_ssh_users(self) -> Any:
+        """With Redis down a's own initiator still resolves; another name fails naming the
+        cause; stats says degraded."""
+        yield wait_until(lambda: self.registry.healthy and self.registry_b.healthy, 10, "join")
+        yield self.initiator(self.key("dev"), "dev", "80:localhost:80")
+        name = self.registry.local_listeners()[0].connect_name
+        self.redis.kill()
+        yield wait_until(lambda: not self.registry.healthy, 10, "a to notice")
+        self.assertEqual(self.registry.find(name).hostname, "dev")  # still there: local
+        _, err, code = yield self.ssh(self.root, "root", "-W", "elsewhere:80")
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            b"no such listener: elsewhere on this node (cluster registry unavailable:", err
+        )
+        self.assertIn(f"127.0.0.1:{self.redis.port}".encode(), err)
+        out, err, code = yield self.ssh(self.root, "root", command=("stats",))
+        self.assertIn("cluster: node a, degraded (", out.decode())

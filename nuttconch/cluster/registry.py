@@ -289,6 +289,7 @@ class RedisRegistry(Service):
         self._lease_ok = False
         self.cause = "not connected to Redis yet"
         self.last_event_at = 0.0
+        self.lag = 0.0
         self._loops: list[task.LoopingCall] = []
         self._pause: defer.Deferred[Any] | None = None
         self._stopping = False
@@ -299,6 +300,20 @@ class RedisRegistry(Service):
     def healthy(self) -> bool:
         """True while this node holds its lease and its replica follows the log."""
         return self._lease_ok and self._replica_ok
+
+    def cluster_state(self) -> dict[str, Any]:
+        """What ``stats`` and metrics show of the cluster, as this node sees it."""
+        return {
+            "node": self.node,
+            "state": "ok" if self.healthy else "degraded",
+            "cause": "" if self.healthy else self.cause,
+            "redis": self.redis.address,
+            "redis_reachable": self._lease_ok or self._replica_ok,
+            "replication_lag_seconds": round(self.lag, 4),
+            "peers": self.peers(),
+            "initiators_here": len(self._local),
+            "initiators_cluster": len(self.listeners()),
+        }
 
     def peers(self) -> list[str]:
         """Other nodes that hold registrations, as this node's replica sees them."""
@@ -718,6 +733,11 @@ class RedisRegistry(Service):
                     fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
                     self._apply(fields)
                     self._last_id = _text(entry_id)
+                # The entry id is Redis's clock in ms when it was written: how far behind
+                # this replica is (same-host clocks; across hosts it includes their skew).
+                if entries:
+                    written = int(self._last_id.split("-")[0]) / 1000
+                    self.lag = max(0.0, time.time() - written)
 
     # -- service --------------------------------------------------------------------------
 
