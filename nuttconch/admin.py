@@ -21,9 +21,9 @@ from typing import Any
 from twisted.logger import Logger
 
 from . import authkeys, metrics
-from .commands import Result
 from .names import escape
 from .registry import NotFound
+from .result import Result
 
 log = Logger()
 

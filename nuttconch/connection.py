@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_circuits -*-
+# -*- test-case-name: tests.test_circuit,tests.test_channel_security -*-
 """The ssh-connection service: channel-open policy, circuits, flow control, keepalive.
 
 Conch confirms a channel open synchronously and refills windows on its
@@ -11,7 +11,6 @@ do the guards against channel ids and messages that a peer invents.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,6 @@ OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_UNKNOWN_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 
-_circuit_ids = itertools.count(1)
 _unpack_2L = struct.Struct(">2L").unpack_from
 _unpack_L = struct.Struct(">L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
@@ -490,7 +488,7 @@ class SwitchboardConnection(connection.SSHConnection):
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(_circuit_ids), target, peer, route.listener_id)
+        circuit = Circuit(next(self.transport.factory.circuitIds), target, peer, route.listener_id)
         origin = (peer, self.transport.transport.getPeer().port)
         # Raises OpenRefused when the far end cannot even be asked.
         initiatorEnd = route.opener.openForwarded(route.bind_host, port, origin)
