@@ -74,10 +74,13 @@ class ClusterCase(unittest.TestCase):
         def check() -> bool:
             if not all(n.healthy for n in nodes):
                 return False
-            want = sorted((x.id, x.order) for n in nodes for x in n.local_listeners())
+            def rows(entries: list[Listener]) -> list[tuple[str, int, list[int]]]:
+                return sorted((x.id, x.order, sorted(x.ports)) for x in entries)
+
+            want = rows([x for n in nodes for x in n.local_listeners()])
             if any(getattr(x, "seq", 0) != x.order for n in nodes for x in n.local_listeners()):
                 return False
-            return all(sorted((x.id, x.order) for x in n.listeners()) == want for n in nodes)
+            return all(rows(n.listeners()) == want for n in nodes)
 
         def explain() -> str:
             return "; ".join(
