@@ -169,6 +169,11 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
     factory.checker = checker
+    if cfg.redis_url:
+        from .cluster.keysync import KeySync
+
+        # Grants, revokes, bans and first-use keys apply on every node.
+        KeySync(registry, keys_file, factory)  # held by the file's and the log's handlers
     return factory, registry
 
 

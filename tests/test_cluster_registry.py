@@ -8,23 +8,27 @@ SIGKILL is needed.  Every wait is on a replica's state, never a fixed sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.internet import defer, reactor
 from twisted.protocols import portforward
 from twisted.trial import unittest
 
 from nuttconch import config as configmod
+from nuttconch.cluster.keysync import key_lines
 from nuttconch.cluster.redisclient import RedisClient, RedisUnavailable
 from nuttconch.cluster.registry import RedisRegistry, identity_of
 from nuttconch.registry import Listener, NotFound
-from nuttconch.tap import build
+from nuttconch.tap import KEYS_POLL_SECONDS, build
 
 from .harness import SwitchboardTestMixin
 from .redisserver import RedisServer, wait_until
+from .test_admin import key_fingerprint
 from .test_registry import RegistryContract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +78,7 @@ class ClusterCase(unittest.TestCase):
         def check() -> bool:
             if not all(n.healthy for n in nodes):
                 return False
+
             def rows(entries: list[Listener]) -> list[tuple[str, int, list[int]]]:
                 return sorted((x.id, x.order, sorted(x.ports)) for x in entries)
 
@@ -518,6 +523,11 @@ class ClusterSSHTests(SwitchboardTestMixin, unittest.TestCase):
         self.registry_b.startService()
         self.addCleanup(self._stopRegistry, self.registry_b)
         self.listening_b = reactor.listenTCP(0, self.factory_b, interface="127.0.0.1")
+        # authorized_keys is polled as twistd polls it (tap.KEYS_POLL_SECONDS).
+        for factory in (self.factory, self.factory_b):
+            poll = TimerService(KEYS_POLL_SECONDS, factory.checkKeys)
+            poll.startService()
+            self.addCleanup(poll.stopService)
         self.addCleanup(self.factory_b.disconnectAll)
         self.addCleanup(self.listening_b.stopListening)
         return result
@@ -591,3 +601,61 @@ class ClusterSSHTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIn(f"127.0.0.1:{self.redis.port}".encode(), err)
         out, err, code = yield self.ssh(self.root, "root", command=("stats",))
         self.assertIn("cluster: node a, degraded (", out.decode())
+
+
+class ClusterKeysTests(ClusterSSHTests):
+    """Nodes with authorized_keys files of their own: changes on one apply on all."""
+
+    def setUp(self) -> Any:
+        self.separate = os.path.join(os.path.abspath(self.mktemp()), "keys")
+        return super().setUp()
+
+    def writeConfig(self, **overrides: str) -> str:
+        if self.node_name == "b":
+            # b's own copy of keys/: the same host keys and alias secret, its own file.
+            if not os.path.exists(self.separate):
+                shutil.copytree(self.keydir, self.separate)
+            keydir, self.keydir = self.keydir, self.separate
+            try:
+                return super().writeConfig(**overrides)
+            finally:
+                self.keydir = keydir
+        return super().writeConfig(**overrides)
+
+    def tokens(self, path: str) -> dict[str, str]:
+        with open(path) as handle:
+            return key_lines(handle.read().split("\n"))
+
+    @defer.inlineCallbacks
+    def test_first_use_then_ban_applies_everywhere(self) -> Any:
+        """A key trusted on first use on b is known on a; banned on a, its connection on b
+        drops within 2 s; nothing else in either file changes."""
+        b_file = os.path.join(self.separate, "authorized_keys")
+        with open(b_file, "a") as handle:
+            handle.write("# b's own comment\n")
+        yield wait_until(lambda: self.registry.healthy and self.registry_b.healthy, 10, "join")
+        port, self.port = self.port, self.listening_b.getHost().port
+        try:
+            dev = self.key("dev")
+            proc = yield self.initiator(dev, "dev", "80:localhost:80")
+        finally:
+            self.port = port
+        with open(dev + ".pub") as handle:
+            token = handle.read().split()[1]
+        line = yield wait_until(lambda: self.tokens(self.akfile).get(token), 10, "a to learn dev")
+        self.assertIn('access="initiate"', line)
+        fp = key_fingerprint(dev)
+        started = time.perf_counter()
+        out, err, code = yield self.ssh(self.root, "root", command=("ban", fp))
+        self.assertEqual(code, 0, err)
+        _, err, _ = yield proc.ended
+        took = time.perf_counter() - started
+        print(f"\nban on a to the banned key's connection on b closed: {took:.2f} s")
+        self.assertLess(took, 2)
+        self.assertIn(b"access changed: key denied in authorized_keys", err)
+        self.assertIn('access="denied"', self.tokens(b_file)[token])
+        # Nothing lost: b's comment and every other key are still there, and both files
+        # hold the same keys.
+        with open(b_file) as handle:
+            self.assertIn("# b's own comment\n", handle.read())
+        yield wait_until(lambda: self.tokens(b_file) == self.tokens(self.akfile), 10, "agree")

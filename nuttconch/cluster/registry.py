@@ -262,6 +262,12 @@ class RedisRegistry(Service):
         self.lease = lease
         self.prefix = prefix
         self.info = dict(info or {})
+        #: Handlers of other log entries ({"op": ...} -> handler(fields)), e.g. key changes.
+        self.log_handlers: dict[str, Callable[[dict[str, str]], None]] = {}
+        #: (seconds, callable) run periodically while the service runs.
+        self.periodic: list[tuple[float, Callable[[], Any]]] = []
+        #: Called after this node (re)joined: took its lease afresh or saw a new epoch.
+        self.join_hooks: list[Callable[[], Any]] = []
         #: Published and compared at join (see identity_of); empty: no check.
         self.identity: dict[str, str] = {}
         #: Why this node refuses to join ("" while it agrees with the cluster).
@@ -595,6 +601,11 @@ class RedisRegistry(Service):
                 fresh = True
             if fresh:
                 self._reassert()
+                for hook in list(self.join_hooks):
+                    d = defer.maybeDeferred(hook)
+                    d.addErrback(
+                        lambda f: log.warn("cluster: join step failed: {why}", why=f.value)
+                    )
             else:
                 unsent, self._unsent = self._unsent, set()
                 for regid in sorted(unsent, key=self._order_of):
@@ -687,6 +698,13 @@ class RedisRegistry(Service):
                 )
                 mine.opener.disconnect(fields.get("why", "kicked"))
             return
+        handler = self.log_handlers.get(op or "")
+        if handler is not None:
+            try:
+                handler(fields)
+            except Exception:
+                log.failure("cluster: handling a {op} entry failed", op=op)
+            return
         if node == self.node and op != "down":
             return
         if op == "put":
@@ -754,6 +772,11 @@ class RedisRegistry(Service):
         reap.clock = self.reactor
         reap.start(1.0, now=False)
         self._loops = [beat, reap]
+        for seconds, call in self.periodic:
+            loop = task.LoopingCall(call)
+            loop.clock = self.reactor
+            loop.start(seconds, now=False)
+            self._loops.append(loop)
         self._follow()
 
     @defer.inlineCallbacks
