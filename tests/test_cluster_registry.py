@@ -184,6 +184,8 @@ class ReplicationTests(ClusterCase):
         """A port added on one node resolves on another; removing it removes it there."""
         a, b = self.node("a"), self.node("b")
         yield self.synced(a, b)
+        seen_by_b: list[str] = []
+        b.observers.append(lambda event, who, port: seen_by_b.append(event))
         one = listener("one", "web")
         started = time.perf_counter()
         a.add_port(one, "localhost", 22)
@@ -200,6 +202,8 @@ class ReplicationTests(ClusterCase):
         a.remove_listener(one)
         yield wait_until(lambda: not b.listeners(), 5, "b to drop one")
         self.assertRaises(NotFound, b.resolve, "web", 22)
+        # Webhooks and gauges observe the registry: only the owner saw these events.
+        self.assertEqual(seen_by_b, [])
         print(f"\nreplication to another node: {lag_ms:.2f} ms")
 
     @defer.inlineCallbacks
