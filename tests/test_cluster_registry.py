@@ -303,6 +303,27 @@ class IdentityTests(ClusterCase):
         self.assertEqual(e.refused, "")
 
 
+class SameNameTests(ClusterCase):
+    @defer.inlineCallbacks
+    def test_second_process_with_the_same_node_name_stays_out(self) -> Any:
+        """Two processes named alike would overwrite each other's names: the second waits
+        for the first's lease, saying why, and joins once the first has left."""
+        first = self.node("a")
+        mine = listener("one", "web")
+        first.add_port(mine, "", 22)
+        yield self.synced(first)
+        second = self.node("a")
+        yield wait_until(lambda: "another process holds the lease" in second.cause, 10, "refusal")
+        self.assertFalse(second.healthy)
+        self.assertTrue(first.healthy)
+        b = self.node("b")
+        yield self.synced(first, b)
+        self.assertEqual(order_of(b, "web"), ["one"])
+        yield first.stopService()
+        yield self.synced(second, b)
+        self.assertEqual(order_of(b, "web"), [])
+
+
 NODE_SCRIPT = """
 import sys
 from twisted.internet import reactor, task

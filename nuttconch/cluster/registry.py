@@ -87,12 +87,18 @@ end
 local floor = tonumber(ARGV[7])
 if tonumber(redis.call('GET', KEYS[6]) or '0') < floor then redis.call('SET', KEYS[6], floor) end
 local had = redis.call('EXISTS', KEYS[1])
+-- The lease names the process that holds it: another process with this node name (or
+-- this node's previous life, killed less than a lease ago) keeps this one out.
+if had == 1 then
+  local cur = redis.call('GET', KEYS[1])
+  if string.sub(cur, 1, #ARGV[8] + 1) ~= ARGV[8] .. ' ' then return {2, epoch} end
+end
 if had == 0 and ARGV[5] == '0' then return {0, epoch} end
 if had == 0 then
   redis.call('DEL', KEYS[5])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'op', 'down', 'node', ARGV[1])
 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[8] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 return {1, epoch}
 """
@@ -279,8 +285,8 @@ class RedisRegistry(Service):
         self.remote_opener: Callable[[RedisRegistry, Listener], Any] = RemoteOpener
         self._local: dict[str, Listener] = {}
         # Unique across restarts of this node too: "node/instance.n".
-        instance = f"{self._rng.getrandbits(32):08x}"
-        self._ids = (f"{self.node}/{instance}.{n}" for n in itertools.count(1))
+        self.instance = f"{self._rng.getrandbits(32):08x}"
+        self._ids = (f"{self.node}/{self.instance}.{n}" for n in itertools.count(1))
         self._remote: dict[str, dict[str, Listener]] = {}
         self._holders: dict[str, list[Listener]] | None = None
         self._max_seq = 0
@@ -572,11 +578,21 @@ class RedisRegistry(Service):
             [self._k("node", self.node), self._k("nodes"), self._k("epoch"), self._k("log"),
              self._k("reg", self.node), self._k("seq")],
             [self.node, int(self.lease * 1000), info, candidate, create, LOG_MAXLEN,
-             self._max_seq],
+             self._max_seq, self.instance],
         )  # fmt: skip
 
         def answered(reply: Any) -> Any:
             held, epoch = int(reply[0]), _text(reply[1])
+            if held == 2:
+                self._have_lease = False
+                self._lease_ok = False
+                self._holders = None
+                self._degrade(
+                    f"another process holds the lease of node {self.node} (this node's previous"
+                    f" run, killed less than {self.lease:g} s ago, or a second node with the"
+                    " same node_name); waiting for it to lapse"
+                )
+                return None
             if not held:
                 log.warn(
                     "cluster: node {node}'s lease lapsed in Redis (stalled, cut off, or Redis"
