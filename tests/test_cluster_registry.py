@@ -234,6 +234,22 @@ class ReplicationTests(ClusterCase):
         self.assertEqual(int(self.redis.cli("GET", "nuttconch:seq")), 1)
 
     @defer.inlineCallbacks
+    def test_readded_while_writing_gets_a_new_order(self) -> Any:
+        """A listener removed and added again while its first write is in flight is the
+        newest holder everywhere afterwards, not back in the place of its first write."""
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        x, y = listener("x", "web"), listener("y", "web")
+        a.add_port(x, "", 22)  # its write is in flight: it will get the older order value
+        a.add_port(y, "", 22)
+        a.remove_listener(x)
+        a.add_port(x, "", 22)  # a new registration: newer than y
+        self.assertEqual(order_of(a, "web"), ["x", "y"])
+        yield self.synced(a, b)
+        self.assertEqual(order_of(a, "web"), ["x", "y"])
+        self.assertEqual(order_of(b, "web"), ["x", "y"])
+
+    @defer.inlineCallbacks
     def test_graceful_stop_removes_at_once(self) -> Any:
         """A node that stops leaves: the others drop its names without waiting for the lease."""
         a, b = self.node("a", lease=30), self.node("b", lease=30)

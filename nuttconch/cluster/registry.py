@@ -369,6 +369,8 @@ class RedisRegistry(Service):
                 listener.node = self.node
             regid = listener.id
             listener.seq = 0  # type: ignore[attr-defined]  # a new registration, a new order
+            # A reply to a write of its previous registration must not give it the old order.
+            listener.gen = getattr(listener, "gen", 0) + 1  # type: ignore[attr-defined]
             # Newest until Redis gives it its place: a local lookup right after the
             # forward is answered must find it as name~0.
             self._provisional = max(self._provisional, self._max_seq) + 1
@@ -502,8 +504,13 @@ class RedisRegistry(Service):
                 [self.node, regid, _encode(listener), getattr(listener, "seq", 0), LOG_MAXLEN],
             )
 
+            gen = getattr(listener, "gen", 0)
+
             def placed(seq: Any) -> None:
                 seq = int(seq)
+                self._max_seq = max(self._max_seq, seq)
+                if getattr(listener, "gen", 0) != gen or self._local.get(regid) is not listener:
+                    return  # removed (and maybe added again) meanwhile: the next write decides
                 listener.seq = seq  # type: ignore[attr-defined]
                 if listener.order != seq:
                     listener.order = seq
