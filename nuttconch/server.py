@@ -21,8 +21,6 @@ from twisted.logger import Logger
 from twisted.python import threadable
 
 from . import authkeys
-from .admission import NO_KEXINIT_AGE as NO_KEXINIT_AGE
-from .admission import STALLER_AGE as STALLER_AGE
 from .admission import Admission
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
