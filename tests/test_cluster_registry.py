@@ -585,6 +585,19 @@ class ClusterSSHTests(SwitchboardTestMixin, unittest.TestCase):
             )
         return path
 
+    def scrape(self, factory: Any) -> dict[str, float]:
+        """The node's metrics as /metrics would serve them, unlabelled series only."""
+        from prometheus_client import generate_latest
+
+        from nuttconch.metrics import Metrics
+
+        text = generate_latest(Metrics(factory).registry).decode()
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#") and "{" not in line
+        }
+
     def on_b(self, *argv: str, extra: tuple[str, ...] = ()) -> Any:
         """Run ssh against node b with the admin key."""
         port, self.port = self.port, self.listening_b.getHost().port
@@ -631,8 +644,20 @@ class ClusterSSHTests(SwitchboardTestMixin, unittest.TestCase):
         yield wait_until(lambda: self.registry.healthy and self.registry_b.healthy, 10, "join")
         yield self.initiator(self.key("dev"), "dev", "80:localhost:80")
         name = self.registry.local_listeners()[0].connect_name
+        yield wait_until(self.registry_b.listeners, 10, "b to see dev")
+        # Metrics: each node counts its own initiators; the cluster gauges show the rest.
+        on_b = self.scrape(self.factory_b)
+        self.assertEqual(on_b["nuttconch_initiators"], 0)
+        self.assertEqual(on_b["nuttconch_cluster_initiators"], 1)
+        self.assertEqual(on_b["nuttconch_cluster_peers"], 1)
+        self.assertEqual(on_b["nuttconch_cluster_healthy"], 1)
+        self.assertEqual(on_b["nuttconch_cluster_redis_up"], 1)
+        self.assertEqual(self.scrape(self.factory)["nuttconch_initiators"], 1)
         self.redis.kill()
         yield wait_until(lambda: not self.registry.healthy, 10, "a to notice")
+        on_a = self.scrape(self.factory)
+        self.assertEqual((on_a["nuttconch_cluster_healthy"], on_a["nuttconch_cluster_redis_up"]),
+                         (0, 0))  # fmt: skip
         self.assertEqual(self.registry.find(name).hostname, "dev")  # still there: local
         _, err, code = yield self.ssh(self.root, "root", "-W", "elsewhere:80")
         self.assertNotEqual(code, 0)

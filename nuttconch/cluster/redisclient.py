@@ -65,6 +65,8 @@ class RedisClient:
         self.endpoint, self.address, self.password, self.db = parse_url(reactor, url, timeout)
         self._factories: dict[str, txredisapi.RedisFactory] = {}
         self._closed = False
+        #: Whether the last command that ended got an answer (a reply or a Redis error).
+        self.reachable = False
         self._pending: set[defer.Deferred[Any]] = set()
         self.last_error = ""
 
@@ -122,8 +124,18 @@ class RedisClient:
                 raise RedisUnavailable(f"Redis at {self.address}: {failure.getErrorMessage()}")
             return failure
 
+        def answered(result: Any) -> Any:
+            self.reachable = True
+            return result
+
+        def unreachable(failure: Any) -> Any:
+            if failure.check(RedisUnavailable):
+                self.reachable = False
+            return failure
+
         d.addTimeout(seconds, self.reactor)
-        d.addErrback(explain)
+        d.addCallbacks(answered, explain)
+        d.addErrback(unreachable)
         self._pending.add(d)
 
         def settled(result: Any) -> Any:

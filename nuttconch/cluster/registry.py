@@ -320,7 +320,7 @@ class RedisRegistry(Service):
             "state": "ok" if self.healthy else "degraded",
             "cause": "" if self.healthy else self.cause,
             "redis": self.redis.address,
-            "redis_reachable": self._lease_ok or self._replica_ok,
+            "redis_reachable": self.redis.reachable,
             "replication_lag_seconds": round(self.lag, 4),
             "peers": self.peers(),
             "initiators_here": len(self._local),
