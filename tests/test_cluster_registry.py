@@ -250,6 +250,36 @@ class ReplicationTests(ClusterCase):
         self.assertEqual(order_of(b, "web"), ["x", "y"])
 
     @defer.inlineCallbacks
+    def test_replica_behind_the_trim_takes_a_new_snapshot(self) -> Any:
+        """A replica that fell further behind than the log keeps notices the trim and takes
+        a new snapshot, instead of missing the trimmed changes for good."""
+        from nuttconch.cluster import registry as registrymod
+
+        self.patch(registrymod, "LOG_MAXLEN", 5)
+        self.redis.cli("CONFIG", "SET", "stream-node-max-entries", "1")  # exact-ish trims
+        a, b = self.node("a"), self.node("b")
+        yield self.synced(a, b)
+        # b's log reader stalls (a long GC pause, a saturated core) ...
+        stalled: defer.Deferred[Any] = defer.Deferred()
+        real = b.redis.blocking
+        calls = []
+
+        def blocking(*args: Any) -> Any:
+            calls.append(args)
+            return stalled if len(calls) == 1 else real(*args)
+
+        self.patch(b.redis, "blocking", blocking)
+        yield wait_until(lambda: calls, 5, "b's reader to wait on the stalled read")
+        # ... while a registers more than the log keeps.
+        for i in range(20):
+            a.add_port(listener(f"h{i}", "web"), "", 22)
+        yield wait_until(lambda: all(x.seq for x in a.local_listeners()), 5, "a's writes")
+        self.assertLessEqual(int(self.redis.cli("XLEN", "nuttconch:log")), 10)
+        stalled.callback(None)  # the read ends empty, as a BLOCK that timed out does
+        yield self.synced(a, b)
+        self.assertEqual(len(order_of(b, "web")), 20)
+
+    @defer.inlineCallbacks
     def test_graceful_stop_removes_at_once(self) -> Any:
         """A node that stops leaves: the others drop its names without waiting for the lease."""
         a, b = self.node("a", lease=30), self.node("b", lease=30)

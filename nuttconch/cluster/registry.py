@@ -50,6 +50,20 @@ LOG_MAXLEN = 100000
 #: How long one XREAD blocks, in ms: short, because a BLOCK outlives a cancelled call.
 BLOCK_MS = 1000
 
+#: Lua: entries ever added to the log, and how many of them were trimmed away since.
+STREAM_COUNTS = """
+local function stream_counts(key)
+  if redis.call('EXISTS', key) == 0 then return 0, 0 end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local length, added = 0, 0
+  for i = 1, #info, 2 do
+    if info[i] == 'length' then length = info[i + 1] end
+    if info[i] == 'entries-added' then added = info[i + 1] end
+  end
+  return added, added - length
+end
+"""
+
 PUT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('NOLEASE lease lapsed') end
 local seq = tonumber(ARGV[4])
@@ -74,7 +88,9 @@ end
 return 1
 """
 
-BEAT = """
+BEAT = (
+    STREAM_COUNTS
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('GET', KEYS[3])
@@ -100,8 +116,10 @@ if had == 0 then
 end
 redis.call('SET', KEYS[1], ARGV[8] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-return {1, epoch}
+local _, trimmed = stream_counts(KEYS[4])
+return {1, epoch, trimmed}
 """
+)
 
 REAP = """
 local t = redis.call('TIME')
@@ -159,17 +177,21 @@ def identity_of(secret: bytes, host_keys: dict[bytes, Any]) -> dict[str, str]:
     return {"alias": check, "hostkeys": " ".join(prints)}
 
 
-SNAPSHOT = """
+SNAPSHOT = (
+    STREAM_COUNTS
+    + """
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local lastid = '0-0'
 if #last > 0 then lastid = last[1][1] end
-local out = {lastid, redis.call('GET', KEYS[3]) or ''}
+local added = stream_counts(KEYS[2])
+local out = {lastid, redis.call('GET', KEYS[3]) or '', added}
 for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   table.insert(out, node)
   table.insert(out, redis.call('HGETALL', ARGV[1] .. 'reg:' .. node))
 end
 return out
 """
+)
 
 
 def default_node_name() -> str:
@@ -302,6 +324,7 @@ class RedisRegistry(Service):
         self.cause = "not connected to Redis yet"
         self.last_event_at = 0.0
         self.lag = 0.0
+        self._consumed = 0
         self._loops: list[task.LoopingCall] = []
         self._pause: defer.Deferred[Any] | None = None
         self._stopping = False
@@ -609,6 +632,13 @@ class RedisRegistry(Service):
                 )
                 self._have_lease = False
                 return self._beat()  # the identity again too: Redis may have lost it
+            trimmed = int(reply[2]) if len(reply) > 2 else 0
+            if self._replica_ok and trimmed > self._consumed:
+                # Entries this replica had not read yet were trimmed away (it fell more
+                # than LOG_MAXLEN behind): only a new snapshot is complete again.
+                log.warn("cluster: this node's replica fell behind the log's trim; new snapshot")
+                self._replica_ok = False
+                self._holders = None
             fresh = not self._have_lease
             self._have_lease = True
             self._lease_ok = True
@@ -674,8 +704,10 @@ class RedisRegistry(Service):
             SNAPSHOT, [self._k("nodes"), self._k("log"), self._k("epoch")], [self.prefix]
         )
         last_id, epoch = _text(reply[0]), _text(reply[1])
+        # Log entries up to last_id, counted from the log's start: what this replica holds.
+        self._consumed = int(reply[2])
         remote: dict[str, dict[str, Listener]] = {}
-        for i in range(2, len(reply), 2):
+        for i in range(3, len(reply), 2):
             node = _text(reply[i])
             flat = reply[i + 1] or []
             if node == self.node:
@@ -774,6 +806,7 @@ class RedisRegistry(Service):
                     fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
                     self._apply(fields)
                     self._last_id = _text(entry_id)
+                    self._consumed += 1
                 # The entry id is Redis's clock in ms when it was written: how far behind
                 # this replica is (same-host clocks; across hosts it includes their skew).
                 if entries:
