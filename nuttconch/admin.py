@@ -131,6 +131,9 @@ def stats_data(factory: Any) -> dict[str, Any]:
     hooks = getattr(factory, "webhooks", None)
     if hooks is not None:
         data["webhooks"] = hooks.stats()
+    cluster = getattr(factory.registry, "cluster_state", None)
+    if cluster is not None:
+        data["cluster"] = cluster()
     return data
 
 
@@ -167,6 +170,15 @@ def stats(avatar: Any, args: list[str]) -> Result:
     if "webhooks" in data:
         hooks = data["webhooks"]
         lines.append("webhooks: " + ", ".join(f"{k} {v}" for k, v in hooks.items()))
+    if "cluster" in data:
+        c = data["cluster"]
+        state = c["state"] + (f" ({escape(c['cause'])})" if c["cause"] else "")
+        lines.append(
+            f"cluster: node {c['node']}, {state}, Redis {escape(c['redis'])},"
+            f" peers {', '.join(c['peers']) or 'none'},"
+            f" initiators {c['initiators_here']} here of {c['initiators_cluster']},"
+            f" replication lag {c['replication_lag_seconds'] * 1000:.1f} ms"
+        )
     return Result(0, "\n".join(lines) + "\n")
 
 

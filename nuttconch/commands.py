@@ -66,7 +66,7 @@ def listeners(avatar: Any) -> Result:
     entries = avatar.factory.registry.listeners()
     if not entries:
         return Result(0, "no listeners\n")
-    rows = [("NAME", "ADDRESS", "ALIASES", "PORTS")]
+    rows: list[tuple[str, ...]] = [("NAME", "ADDRESS", "ALIASES", "PORTS")]
     for entry in entries:
         rows.append(
             (
@@ -76,7 +76,11 @@ def listeners(avatar: Any) -> Result:
                 ",".join(str(p) for p in sorted(entry.ports)),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    if hasattr(avatar.factory.registry, "cluster_state"):
+        # In a cluster the list is the whole cluster's: say which node holds each.
+        nodes = ["NODE"] + [escape(entry.node) for entry in entries]
+        rows = [(*row, node) for row, node in zip(rows, nodes, strict=True)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
     )

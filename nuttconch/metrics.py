@@ -224,7 +224,13 @@ class _LiveCollector(Collector):
         for state, count in connection_states(factory).items():
             states.add_metric([state], count)
         yield states
-        listeners = factory.registry.listeners()
+        registry = factory.registry
+        # In a cluster each node counts its own; the cluster's state has gauges of its own.
+        local = getattr(registry, "local_listeners", None)
+        listeners = local() if local is not None else registry.listeners()
+        cluster = getattr(registry, "cluster_state", None)
+        if cluster is not None:
+            yield from cluster_gauges(cluster())
         yield GaugeMetricFamily(
             "nuttconch_initiators",
             "Authenticated initiators holding at least one virtual port",
@@ -304,6 +310,7 @@ def listener_rows(factory: Any) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": listener.connect_name,
+                "node": listener.node,
                 "hostname": listener.hostname,
                 "aliases": list(listener.aliases[1:]),
                 "address": listener.peer,
@@ -338,3 +345,32 @@ def circuit_rows(factory: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def cluster_gauges(state: dict[str, Any]) -> Iterator[Any]:
+    """Redis reachable, this node healthy, replication lag, peers: for alerting on a fleet."""
+    yield GaugeMetricFamily(
+        "nuttconch_cluster_redis_up",
+        "1 while this node reaches the cluster's Redis",
+        value=1 if state["redis_reachable"] else 0,
+    )
+    yield GaugeMetricFamily(
+        "nuttconch_cluster_healthy",
+        "1 while this node holds its lease and its replica is current; 0: degraded",
+        value=1 if state["state"] == "ok" else 0,
+    )
+    yield GaugeMetricFamily(
+        "nuttconch_cluster_replication_lag_seconds",
+        "Age of the last registry change when this node's replica applied it",
+        value=state["replication_lag_seconds"],
+    )
+    yield GaugeMetricFamily(
+        "nuttconch_cluster_peers",
+        "Other nodes holding registrations, as this node's replica sees them",
+        value=len(state["peers"]),
+    )
+    yield GaugeMetricFamily(
+        "nuttconch_cluster_initiators",
+        "Initiators on every node of the cluster",
+        value=state["initiators_cluster"],
+    )

@@ -116,6 +116,26 @@ def raise_fd_limit() -> None:
             pass
 
 
+def make_registry(
+    cfg: configmod.Config, secret: bytes = b"", host_keys: dict[bytes, Any] | None = None
+) -> Any:
+    """The in-memory registry, or with ``[cluster] redis_url`` the one shared over Redis."""
+    if not cfg.redis_url:
+        return InMemoryRegistry()
+    from .cluster.registry import RedisRegistry, identity_of
+
+    registry = RedisRegistry(
+        cfg.redis_url,
+        cfg.node_name,
+        lease=cfg.lease_time,
+        timeout=cfg.redis_timeout,
+        info={"relay": cfg.relay_address},
+    )
+    if secret:
+        registry.identity = identity_of(secret, host_keys or {})
+    return registry
+
+
 def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory, Any]:
     """Make the factory and its parts from a validated config (used by tests too)."""
     if clock is None:
@@ -130,7 +150,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     secret = load_or_create_secret(cfg.host_key_dir)
     keys_file = AuthorizedKeysFile(cfg.authorized_keys_file)
     keys_file.ensure_exists()
-    registry = InMemoryRegistry()
+    registry = make_registry(cfg, secret, host_keys)
     checker = AuthorizedKeysChecker(
         keys_file,
         secret,
@@ -151,6 +171,11 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
     factory.checker = checker
+    if cfg.redis_url:
+        from .cluster.keysync import KeySync
+
+        # Grants, revokes, bans and first-use keys apply on every node.
+        KeySync(registry, keys_file, factory)  # held by the file's and the log's handlers
     return factory, registry
 
 
