@@ -493,18 +493,37 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
-        target = f"{listener.connect_name}:{port}"
+        origin = (peer, self.transport.transport.getPeer().port)
+        # A listener held by another node of a cluster is reached through the hop to it.
+        hops = getattr(self.transport.factory, "hops", None)
+        opener = hops.openerFor(listener) if hops is not None else listener.opener
+        self.startCircuit(
+            senderChannel, windowSize, maxPacket, opener, listener.connect_name, bindHost, port,
+            origin, peer,
+        )  # fmt: skip
+
+    def startCircuit(
+        self,
+        senderChannel: int,
+        windowSize: int,
+        maxPacket: int,
+        opener: Any,
+        name: str,
+        bindHost: str,
+        port: int,
+        origin: tuple[str, int],
+        clientPeer: str,
+    ) -> None:
+        """Ask ``opener`` for the far end and confirm the client's channel once it answers
+        (shared by the public port's direct-tcpip and the relay port's hop channels)."""
+        target = f"{name}:{port}"
         budget = budget_of(self)
         short = budget.refusal() if budget is not None else None
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(_circuit_ids), target, peer)
-        origin = (peer, self.transport.transport.getPeer().port)
-        try:
-            initiatorEnd = listener.opener.openForwarded(bindHost, port, origin)
-        except OpenRefused:
-            raise
+        circuit = Circuit(next(_circuit_ids), target, clientPeer)
+        initiatorEnd = opener.openForwarded(bindHost, port, origin)
         pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
         self.pendingOpens[senderChannel] = pending
         pending.start(self.config.channel_open_timeout, self.transport.clock)

@@ -1,0 +1,339 @@
+"""Issue 11.2/11.4/11.6: circuits across nodes through the hop, with the real OpenSSH client.
+
+Two nodes run in this process, each a full server (its own factory, public
+listener and relay listener), sharing one name space through a MemoryCluster
+(the embedded registry shared by both: a real registry, not a mock).  Node B
+holds the initiator (``ssh -R``); clients use node A (``ssh -W``, ``ssh -L``),
+so every byte crosses the hop A -> B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from typing import Any
+
+from twisted.conch.ssh import keys
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial import unittest
+
+from nuttconch import config as configmod
+from nuttconch.cluster import relay
+from nuttconch.connection import OpenRefused
+from nuttconch.tap import build
+from tests.harness import SwitchboardTestMixin, _timeout, listen_echo, make_key
+
+
+class Node:
+    """One in-process node: factory, public port, relay port."""
+
+    def __init__(self, name: str, factory: Any, port: Any, relayPort: Any) -> None:
+        self.name = name
+        self.factory = factory
+        self.listening = port
+        self.port = port.getHost().port
+        self.relayListening = relayPort
+        self.relayPort = relayPort.getHost().port
+
+
+class TwoNodeMixin(SwitchboardTestMixin):
+    """Nodes a and b; ``self.port`` (what ``ssh`` dials) is node A's public port."""
+
+    def startServer(self, **overrides: str) -> Any:
+        self.cluster = relay.MemoryCluster()
+        self.clusterKeyPath, _ = make_key(self.dir, "cluster_key")
+        self.clusterKey = keys.Key.fromFile(self.clusterKeyPath)
+        self.nodes: dict[str, Node] = {}
+        for name in ("a", "b"):
+            self.nodes[name] = self.startNode(name)
+        self.port = self.nodes["a"].port
+        self.factory = self.nodes["a"].factory
+        self.registry = self.cluster.core
+        self.listening = None
+        self.addCleanup(self.stopNodes)
+        return None
+
+    def startNode(self, name: str) -> Node:
+        cfg = self.config = configmod.load(self.writeConfig())
+        factory, _ = build(cfg)
+        view = self.cluster.node(name)
+        factory.registry = view
+        view.observers.append(factory._registryEvent)
+        relayFactory = relay.make_relay_factory(factory, [self.clusterKey])
+        relayPort = reactor.listenTCP(0, relayFactory, interface="127.0.0.1")
+        self.cluster.relays[name] = f"127.0.0.1:{relayPort.getHost().port}"
+        factory.hops = relay.HopPool(
+            name, view, self.clusterKey, factory.privateKeys.values(), cfg, budget=factory.budget
+        )
+        factory.relay = relayFactory
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        return Node(name, factory, port, relayPort)
+
+    @defer.inlineCallbacks
+    def stopNodes(self) -> Any:
+        for proc in list(self.processes):
+            yield proc.kill()
+        for node in self.nodes.values():
+            node.factory.hops.closeAll()
+            yield node.listening.stopListening()
+            yield node.relayListening.stopListening()
+            yield node.factory.disconnectAll()
+            yield node.factory.relay.disconnectAll()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def stopServer(self) -> Any:  # the mixin's cleanup: nodes are stopped by stopNodes
+        return None
+
+    def onNode(self, name: str, key: str | None, user: str, *extra: str, **kw: Any) -> Any:
+        """Spawn ssh against node ``name``'s public port."""
+        saved = self.port
+        self.port = self.nodes[name].port
+        try:
+            return self.spawn(key, user, *extra, **kw)
+        finally:
+            self.port = saved
+
+    @defer.inlineCallbacks
+    def initiatorOnB(self, fwd: str = "8080:127.0.0.1:{echo}", user: str = "dev") -> Any:
+        echo = listen_echo(self)
+        key = self.key(user)
+        proc = self.onNode("b", key, user, "-N", "-R", fwd.format(echo=echo), stdin=None)
+        listener = yield self.waitPort(8080)
+        self.assertEqual(listener.node, "b")
+        return proc, listener
+
+    def hopCount(self, name: str = "b") -> int:
+        """Authenticated hop connections node ``name``'s relay port holds."""
+        return sum(1 for t in self.nodes[name].factory.relay.transports if hasattr(t, "avatar"))
+
+
+class CrossNodeCircuitTests(TwoNodeMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_w_checksums_both_ways(self) -> Any:
+        """4 MiB through ssh -W on node A to an initiator on node B come back intact."""
+        _, listener = yield self.initiatorOnB()
+        payload = os.urandom(4 << 20)
+        client = self.key("client")
+        out, err, code = yield self.ssh(
+            client, "client", "-W", f"{listener.connect_name}:8080", stdin=payload, timeout=60
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(hashlib.sha256(out).hexdigest(), hashlib.sha256(payload).hexdigest())
+        self.assertEqual(self.hopCount(), 1)
+        # The hop ran nuttconch's own packet layer with strict KEX on both sides.
+        hop = self.nodes["a"].factory.hops.peers["b"].transport
+        self.assertTrue(hop.strictKex)
+        self.assertIn(hop.currentEncryptions.outCipType, self.config.ciphers)
+        (far,) = [t for t in self.nodes["b"].factory.relay.transports if hasattr(t, "avatar")]
+        self.assertTrue(far.strictKex)
+        self.assertEqual(far.avatar.identity.username, "a")
+
+    @defer.inlineCallbacks
+    def test_hop_connection_reused(self) -> Any:
+        """Several circuits, one after another and at once, share one hop connection."""
+        _, listener = yield self.initiatorOnB()
+        client = self.key("client")
+        target = f"{listener.connect_name}:8080"
+        first = yield self.ssh(client, "client", "-W", target, stdin=b"one")
+        self.assertEqual(first[0], b"one", first[1])
+        results = yield defer.gatherResults(
+            [self.ssh(client, "client", "-W", target, stdin=b"x%d" % i) for i in range(4)]
+        )
+        self.assertEqual(sorted(r[0] for r in results), [b"x0", b"x1", b"x2", b"x3"])
+        self.assertEqual(self.hopCount(), 1)
+
+    @defer.inlineCallbacks
+    def test_l_forward_half_close(self) -> Any:
+        """ssh -L through node A: the device sees EOF, then its echo and EOF come back."""
+        _, listener = yield self.initiatorOnB()
+        client = self.key("client")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        self.onNode(
+            "a", client, "client", "-N", "-L", f"{local}:{listener.connect_name}:8080", stdin=None
+        )
+        payload = os.urandom(3 << 20)
+        got = yield self.waitFor(lambda: self._canConnect(local), 15, "ssh -L to listen")
+        self.assertTrue(got)
+        received = yield self.halfCloseExchange(local, payload)
+        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+
+    def _canConnect(self, port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def halfCloseExchange(self, port: int, payload: bytes) -> defer.Deferred[bytes]:
+        """Send payload, shut down writing, read until the far side's EOF."""
+        done: defer.Deferred[bytes] = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.data = bytearray()
+                self.transport.write(payload)
+                self.transport.loseWriteConnection()
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: Any) -> None:
+                done.callback(bytes(self.data))
+
+        protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", port)
+        return _timeout(done, 60, "the echo and EOF through -L")
+
+    @defer.inlineCallbacks
+    def test_name_unknown_and_stale_id(self) -> Any:
+        """A name nobody holds is refused on A; a listener id B does not hold (a stale
+        replica entry) is refused by B, and the client is told so as an open failure."""
+        yield self.initiatorOnB()
+        out, err, code = yield self.ssh(self.key("client"), "client", "-W", "nobody:8080")
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"no such listener: nobody", err)
+        pending = self.nodes["a"].factory.hops.open("b", "b/999", 8080, ("127.0.0.1", 1))
+        failure = yield self.assertFailure(pending.opened, OpenRefused)
+        self.assertIn("b/999 port 8080 is not held on node b", failure.message)
+
+    @defer.inlineCallbacks
+    def test_initiator_leaves_circuit_open_fails(self) -> Any:
+        """The initiator's connection ends between resolve and open: B refuses the hop
+        and the client sees why (no hang, no traceback)."""
+        proc, listener = yield self.initiatorOnB()
+        listenerId = listener.listener_id
+        yield proc.kill()
+        yield self.waitFor(lambda: not listener.ports, 10, "the initiator to leave")
+        pending = self.nodes["a"].factory.hops.open("b", listenerId, 8080, ("127.0.0.1", 1))
+        failure = yield self.assertFailure(pending.opened, OpenRefused)
+        self.assertIn("not held on node b", failure.message)
+
+
+class HopAccessTests(TwoNodeMixin, unittest.TestCase):
+    """The hop is refused on the public port, for non-cluster keys and for foreign host keys."""
+
+    @defer.inlineCallbacks
+    def openVia(self, address: str, **changes: Any) -> Any:
+        pool = self.nodes["a"].factory.hops
+        for attr, value in changes.items():
+            setattr(pool, attr, value)
+        self.cluster.relays["b"] = address
+        _, listener = yield self.initiatorOnB()
+        pending = pool.open("b", listener.listener_id, 8080, ("127.0.0.1", 1))
+        failure = yield self.assertFailure(pending.opened, OpenRefused)
+        return failure.message
+
+    @defer.inlineCallbacks
+    def test_hop_refused_on_public_port(self) -> Any:
+        message = yield self.openVia(f"127.0.0.1:{self.nodes['b'].port}")
+        self.assertIn("unknown channel type hop@nuttconch", message)
+
+    @defer.inlineCallbacks
+    def test_non_cluster_key_refused(self) -> Any:
+        other = keys.Key.fromFile(make_key(self.dir, "other")[0])
+        message = yield self.openVia(self.cluster.relays["b"], key=other)
+        self.assertIn("the relay port accepts only the cluster key", message)
+
+    @defer.inlineCallbacks
+    def test_foreign_host_key_refused(self) -> Any:
+        stranger = keys.Key.fromFile(make_key(self.dir, "stranger")[0])
+        message = yield self.openVia(self.cluster.relays["b"], hostKeyBlobs=[stranger.blob()])
+        self.assertIn("host key", message)
+        self.assertEqual(self.hopCount(), 0)
+
+    @defer.inlineCallbacks
+    def test_openssh_with_user_key_refused_on_relay_port(self) -> Any:
+        """A user's key (even one authorized on the public port) cannot log in on the
+        relay port; the refusal is shown to the OpenSSH client."""
+        key = self.key("user", options="")
+        saved = self.port
+        self.port = self.nodes["b"].relayPort
+        try:
+            out, err, code = yield self.ssh(key, "user", "-N")
+        finally:
+            self.port = saved
+        self.assertEqual(code, 255)
+        self.assertIn(b"the relay port accepts only the cluster key", err)
+
+
+class HopUnitTests(unittest.TestCase):
+    """Table-driven checks of the hop's parsing and configuration."""
+
+    def test_unpack_hop_table(self) -> None:
+        good = relay.pack_hop("b/7", 8080, ("10.0.0.1", 5555))
+        self.assertEqual(relay.unpack_hop(good), ("b/7", 8080, ("10.0.0.1", 5555)))
+        bad = [
+            b"",
+            good[:-1],
+            good + b"x",
+            relay.pack_hop("", 8080, ("h", 1)),
+            relay.pack_hop("x" * 256, 8080, ("h", 1)),
+            relay.pack_hop("b/1", 0, ("h", 1)),
+            struct.pack(">L", 3) + b"b/1" + struct.pack(">LL", 70000, 0) + b"\0" * 4,
+            struct.pack(">L", 2) + b"\xff\xfe" + struct.pack(">L", 1) + b"\0\0\0\0" + b"\0" * 4,
+        ]  # fmt: skip
+        for data in bad:
+            with self.subTest(data=data[:40]):
+                self.assertRaises(
+                    (ValueError, struct.error, UnicodeDecodeError), relay.unpack_hop, data
+                )
+
+    def test_config_table(self) -> None:
+        cases = [
+            ("node_name", "node-1.eu", "node-1.eu"),
+            ("node_name", "bad name", None),
+            ("node_name", "n" * 65, None),
+            ("relay_listen", "2223", "tcp:2223:interface=127.0.0.1"),
+            ("relay_listen", "tcp:2223:interface=10.0.0.2", "tcp:2223:interface=10.0.0.2"),
+            ("relay_listen", "nonsense", None),
+            ("relay_address", "10.0.0.2:2223", "10.0.0.2:2223"),
+            ("relay_address", "[::1]:2223", "[::1]:2223"),
+            ("relay_address", "tcp:host=10.0.0.2:port=2223", "tcp:host=10.0.0.2:port=2223"),
+            ("relay_address", "10.0.0.2", None),
+            ("relay_address", "host:99999", None),
+        ]
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "nuttssh.ini")
+        for key, raw, expected in cases:
+            with self.subTest(key=key, raw=raw):
+                with open(path, "w") as handle:
+                    handle.write(f"[cluster]\n{key} = {raw}\n")
+                if expected is None:
+                    with self.assertRaises(configmod.ConfigError) as caught:
+                        configmod.load(path)
+                    self.assertIn(f"[cluster] {key}", str(caught.exception))
+                else:
+                    self.assertEqual(getattr(configmod.load(path), key), expected)
+
+    def test_cluster_key_file_errors(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        ed, _ = make_key(directory, "ed")
+        ec, _ = make_key(directory, "ec", "ecdsa")
+        self.assertEqual(relay.load_cluster_key(ed).type(), "Ed25519")
+        for path, words in [
+            (os.path.join(directory, "missing"), "No such file"),
+            (ec, "expected an unencrypted ed25519 private key"),
+            (ed + ".pub", "expected an unencrypted ed25519 private key"),
+        ]:
+            with self.subTest(path=path):
+                with self.assertRaises(ValueError) as caught:
+                    relay.load_cluster_key(path)
+                self.assertIn(path, str(caught.exception))
+                self.assertIn(words, str(caught.exception))
+
+    def test_client_endpoint_table(self) -> None:
+        from twisted.internet import endpoints
+
+        for address, kind in [
+            ("127.0.0.1:2223", endpoints.HostnameEndpoint),
+            ("[::1]:2223", endpoints.HostnameEndpoint),
+            ("tcp:host=127.0.0.1:port=2223", endpoints.TCP4ClientEndpoint),
+            ("unix:path=/tmp/x.sock", endpoints.UNIXClientEndpoint),
+        ]:
+            with self.subTest(address=address):
+                self.assertIsInstance(relay.client_endpoint(reactor, address), kind)
