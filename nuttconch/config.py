@@ -312,50 +312,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("events", "timeout", _seconds, "10", "webhook request timeout"),
     Setting("events", "retries", _int_range(0, 100), "5", "webhook retries, backing off"),
     Setting("events", "backoff", _seconds, "1", "first retry delay, doubling up to 5 minutes"),
-    Setting(
-        "cluster", "node_name", lambda text: _node_name(text), "", "this node's name in a cluster"
-    ),
-    Setting(
-        "cluster",
-        "relay_listen",
-        lambda text: _endpoint_or_off(text),
-        "",
-        "Twisted endpoint for hops from other nodes (cluster key only); empty: off",
-    ),
-    Setting(
-        "cluster",
-        "relay_address",
-        lambda text: _relay_address(text),
-        "",
-        "where other nodes dial this node's relay_listen: host:port or a client endpoint",
-    ),
-    Setting(
-        "cluster",
-        "cluster_key_file",
-        _text,
-        "",
-        "the cluster's ed25519 private key (the same file on every node): hops log in with it",
-    ),
 )
-
-
-def _node_name(text: str) -> str:
-    value = text.strip()
-    if value and (
-        len(value) > 64 or any(not (c.isascii() and (c.isalnum() or c in "-_.")) for c in value)
-    ):
-        raise ValueError("expected up to 64 letters, digits, '-', '_' or '.'")
-    return value
-
-
-def _relay_address(text: str) -> str:
-    value = text.strip()
-    if not value or "=" in value or value.startswith(("unix:", "tcp:", "tls:")):
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError("expected host:port (such as 10.0.0.2:2223) or a client endpoint")
-    return value
 
 
 def _endpoint_or_off(text: str) -> str:
