@@ -312,7 +312,113 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("events", "timeout", _seconds, "10", "webhook request timeout"),
     Setting("events", "retries", _int_range(0, 100), "5", "webhook retries, backing off"),
     Setting("events", "backoff", _seconds, "1", "first retry delay, doubling up to 5 minutes"),
+    # Cluster: several nodes share one name space (empty redis_url: a single node).
+    Setting(
+        "cluster",
+        "redis_url",
+        lambda text: _redis_url(text),
+        "",
+        "Redis holding the shared registry: redis://[:password@]host[:port][/db] or"
+        " unix:/path/to/redis.sock[?db=N]; empty: single node, in-memory registry",
+    ),
+    Setting(
+        "cluster",
+        "node_name",
+        lambda text: _node_name(text),
+        "",
+        "this node's name in the cluster (letters, digits, - and _); empty: the host name",
+    ),
+    Setting(
+        "cluster",
+        "lease_time",
+        lambda text: _seconds_between(text, 1, 60),
+        "5",
+        "a node's lease; a node silent this long has its names dropped by the others",
+    ),
+    Setting(
+        "cluster",
+        "redis_timeout",
+        lambda text: _seconds_between(text, 0.1, 60),
+        "2",
+        "deadline of each Redis command; past it the command fails and the node is degraded",
+    ),
+    Setting(
+        "cluster",
+        "relay_listen",
+        lambda text: _endpoint_or_off(text),
+        "",
+        "Twisted endpoint where this node accepts hops from other nodes; empty: off",
+    ),
+    Setting(
+        "cluster",
+        "relay_address",
+        lambda text: _client_endpoint_or_off(text),
+        "",
+        "what other nodes dial to reach relay_listen: host:port or a Twisted client endpoint",
+    ),
 )
+
+
+def _seconds_between(text: str, low: float, high: float) -> float:
+    value = _seconds(text)
+    if not low <= value <= high:
+        raise ValueError(f"expected a time from {low:g} to {high:g} seconds")
+    return value
+
+
+def _redis_url(text: str) -> str:
+    """Checked here so a typo stops start-up instead of leaving the node degraded forever."""
+    from urllib.parse import parse_qs, urlsplit
+
+    value = text.strip()
+    if not value:
+        return ""
+    try:
+        parts = urlsplit(value)
+        if parts.scheme == "redis":
+            if not parts.hostname:
+                raise ValueError("redis:// needs a host, e.g. redis://127.0.0.1:6379/0")
+            _ = parts.port  # raises ValueError when out of range or not a number
+            db = parts.path.strip("/")
+            if db and not (db.isdigit() and int(db) < 10000):
+                raise ValueError("the database after the host is a number, e.g. /0")
+        elif parts.scheme == "unix":
+            if not parts.path.startswith("/"):
+                raise ValueError("unix: needs an absolute socket path, e.g. unix:/run/redis.sock")
+            db_values = parse_qs(parts.query).get("db", ["0"])
+            if not db_values[0].isdigit():
+                raise ValueError("?db= takes a number")
+        else:
+            raise ValueError("expected redis://host:port/db or unix:/path/to/redis.sock")
+    except ValueError as exc:
+        raise ValueError(str(exc) or "not a Redis URL") from None
+    return value
+
+
+def _node_name(text: str) -> str:
+    value = text.strip()
+    if len(value) > 63 or any(not (ch.isascii() and (ch.isalnum() or ch in "-_")) for ch in value):
+        raise ValueError("expected up to 63 letters, digits, - or _")
+    return value
+
+
+def _client_endpoint_or_off(text: str) -> str:
+    """``host:port`` (the common case) or any Twisted client endpoint description."""
+    value = text.strip()
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if sep and port.isdigit() and host and "=" not in value:
+        if not 0 < int(port) <= 65535:
+            raise ValueError("expected a port from 1 to 65535")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host.isalnum() or all(ch.isalnum() or ch in "-.:_" for ch in host):
+            return f"tcp:{host.replace(':', chr(92) + ':')}:{int(port)}"
+    kind = value.split(":", 1)[0]
+    if ":" not in value or not kind.isalnum():
+        raise ValueError("expected host:port or a Twisted client endpoint such as tcp:HOST:PORT")
+    return value
 
 
 def _endpoint_or_off(text: str) -> str:

@@ -95,6 +95,12 @@ DEFAULT_VALUES = {
     "timeout": 10.0,
     "retries": 5,
     "backoff": 1.0,
+    "redis_url": "",
+    "node_name": "",
+    "lease_time": 5.0,
+    "redis_timeout": 2.0,
+    "relay_listen": "",
+    "relay_address": "",
     "level": "info",
     "format": "text",
 }
