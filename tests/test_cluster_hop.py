@@ -283,17 +283,20 @@ class HopUnitTests(unittest.TestCase):
 
     def test_config_table(self) -> None:
         cases = [
-            ("node_name", "node-1.eu", "node-1.eu"),
+            ("node_name", "node-1", "node-1"),
+            ("node_name", "node-1.eu", None),
             ("node_name", "bad name", None),
             ("node_name", "n" * 65, None),
             ("relay_listen", "2223", "tcp:2223:interface=127.0.0.1"),
             ("relay_listen", "tcp:2223:interface=10.0.0.2", "tcp:2223:interface=10.0.0.2"),
             ("relay_listen", "nonsense", None),
-            ("relay_address", "10.0.0.2:2223", "10.0.0.2:2223"),
-            ("relay_address", "[::1]:2223", "[::1]:2223"),
+            ("relay_address", "10.0.0.2:2223", "tcp:10.0.0.2:2223"),
+            ("relay_address", "[::1]:2223", "tcp:\\:\\:1:2223"),
+            ("cluster_key_file", " /etc/nuttconch/cluster_key ", "/etc/nuttconch/cluster_key"),
             ("relay_address", "tcp:host=10.0.0.2:port=2223", "tcp:host=10.0.0.2:port=2223"),
             ("relay_address", "10.0.0.2", None),
             ("relay_address", "host:99999", None),
+            ("relay_address", "tcp:10.0.0.2:2223", "tcp:10.0.0.2:2223"),
         ]
         directory = self.mktemp()
         os.makedirs(directory)
@@ -333,6 +336,7 @@ class HopUnitTests(unittest.TestCase):
             ("127.0.0.1:2223", endpoints.HostnameEndpoint),
             ("[::1]:2223", endpoints.HostnameEndpoint),
             ("tcp:host=127.0.0.1:port=2223", endpoints.TCP4ClientEndpoint),
+            ("tcp:127.0.0.1:2223", endpoints.TCP4ClientEndpoint),
             ("unix:path=/tmp/x.sock", endpoints.UNIXClientEndpoint),
         ]:
             with self.subTest(address=address):

@@ -284,6 +284,9 @@ class PendingHop:
         if self.end is not None:
             self.end.abandoned = value
 
+    def abandon(self) -> None:
+        self.abandoned = True
+
     def fail(self, code: int, message: str) -> None:
         if not self._abandoned and not self.opened.called:
             self.opened.errback(OpenRefused(code, message))
