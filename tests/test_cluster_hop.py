@@ -296,7 +296,6 @@ class HopUnitTests(unittest.TestCase):
             ("relay_address", "tcp:host=10.0.0.2:port=2223", "tcp:host=10.0.0.2:port=2223"),
             ("relay_address", "10.0.0.2", None),
             ("relay_address", "host:99999", None),
-            ("relay_address", "tcp:10.0.0.2:2223", "tcp:10.0.0.2:2223"),
         ]
         directory = self.mktemp()
         os.makedirs(directory)
