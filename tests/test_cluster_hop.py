@@ -17,7 +17,9 @@ from typing import Any
 
 from twisted.conch.ssh import keys
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from nuttconch import config as configmod
 from nuttconch.cluster import relay
@@ -340,3 +342,166 @@ class HopUnitTests(unittest.TestCase):
         ]:
             with self.subTest(address=address):
                 self.assertIsInstance(relay.client_endpoint(reactor, address), kind)
+
+
+class CuttableProxy(protocol.Factory):
+    """A TCP proxy in front of node B's relay port whose connections a test can cut."""
+
+    def __init__(self, port: int) -> None:
+        from twisted.protocols import portforward
+
+        self.inner = portforward.ProxyFactory("127.0.0.1", port)
+        self.live: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self.inner.buildProtocol(addr)
+        self.live.append(proto)
+        return proto
+
+    def cut(self) -> int:
+        count = 0
+        for proto in self.live:
+            if proto.transport is not None and proto.transport.connected:
+                proto.transport.abortConnection()
+                count += 1
+        return count
+
+
+@implementer(IHalfCloseableProtocol)
+class StalledDevice(protocol.Protocol):
+    """A device that never reads: the slow reader at the initiator's side."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.factory.devices.append(self)
+
+    def readConnectionLost(self) -> None:
+        pass
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class HopFaultTests(TwoNodeMixin, unittest.TestCase):
+    """11.4: a hop dropped mid-circuit ends only its circuits; a killed node's hop
+    circuits close; memory stays bounded with a slow reader behind the hop."""
+
+    @defer.inlineCallbacks
+    def twoCircuits(self) -> Any:
+        """One circuit crossing the hop (to dev on B), one local to node A (to loc on A)."""
+        _, remote = yield self.initiatorOnB()
+        echo = listen_echo(self)
+        self.onNode("a", self.key("loc"), "loc", "-N", "-R", f"8081:127.0.0.1:{echo}", stdin=None)
+        local = yield self.waitPort(8081)
+        self.assertEqual(local.node, "a")
+        client = self.key("client")
+        crossing = self.spawn(client, "client", "-W", f"{remote.connect_name}:8080", stdin=None)
+        staying = self.spawn(client, "client", "-W", f"{local.connect_name}:8081", stdin=None)
+        for proc, word in ((crossing, b"cross-1"), (staying, b"stay-1")):
+            proc.transport.write(word)
+            yield proc.waitOutput(word, 20)
+        return crossing, staying, remote
+
+    @defer.inlineCallbacks
+    def test_hop_dropped_mid_circuit_ends_only_its_circuits(self) -> Any:
+        proxy = CuttableProxy(self.nodes["b"].relayPort)
+        port = reactor.listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.cluster.relays["b"] = f"127.0.0.1:{port.getHost().port}"
+        crossing, staying, remote = yield self.twoCircuits()
+        self.assertEqual(proxy.cut(), 1)
+        out, err, code = yield _timeout(crossing.ended, 20, "the crossing circuit to end")
+        self.assertIn(b"cross-1", out)
+        # The local circuit, the initiators and node A's public connections go on.
+        staying.transport.write(b"stay-2")
+        yield staying.waitOutput(b"stay-2", 20)
+        self.assertIsNone(staying.code)
+        # The next crossing circuit makes a new hop connection and works.
+        out, err, code = yield self.ssh(
+            self.key("client2"), "client2", "-W", f"{remote.connect_name}:8080", stdin=b"again"
+        )
+        self.assertEqual((out, code), (b"again", 0), err)
+        self.assertEqual(len(proxy.live), 2)
+
+    @defer.inlineCallbacks
+    def test_node_killed_its_hop_circuits_close(self) -> Any:
+        """Every socket of node B reset at once (as SIGKILL does): the circuit through
+        it ends for the client on A, A's own circuit goes on, and B's names are gone."""
+        crossing, staying, remote = yield self.twoCircuits()
+        b = self.nodes["b"]
+        yield b.listening.stopListening()
+        yield b.relayListening.stopListening()
+        for transport in list(b.factory.transports) + list(b.factory.relay.transports):
+            transport.transport.abortConnection()
+        out, err, code = yield _timeout(crossing.ended, 20, "the crossing circuit to end")
+        self.assertIn(b"cross-1", out)
+        staying.transport.write(b"stay-2")
+        yield staying.waitOutput(b"stay-2", 20)
+        yield self.waitFor(
+            lambda: not any(li.node == "b" for li in self.registry.listeners()), 10, "b's names"
+        )
+        name = remote.connect_name
+        out, err, code = yield self.ssh(self.key("c3"), "c3", "-W", f"{name}:8080", stdin=b"x")
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"no such listener: {name}".encode(), err)
+
+    @defer.inlineCallbacks
+    def test_slow_reader_behind_hop_bounded(self) -> Any:
+        """The device on B never reads; the client on A keeps sending 64 MiB. What the two
+        nodes queue stays within a few channel windows, and the client is held back."""
+        devices: list[StalledDevice] = []
+        factory = protocol.Factory.forProtocol(StalledDevice)
+        factory.devices = devices  # type: ignore[attr-defined]
+        dev = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(dev.stopListening)
+        key = self.key("dev")
+        self.onNode("b", key, "dev", "-N", "-R", f"8080:127.0.0.1:{dev.getHost().port}", stdin=None)
+        listener = yield self.waitPort(8080)
+        sent = 64 << 20
+        proc = self.spawn(
+            self.key("client"), "client", "-W", f"{listener.connect_name}:8080", stdin=None
+        )
+        proc.transport.write(b"\0" * sent)
+        history: list[int] = []
+
+        def stalled() -> bool:
+            history.append(self.clientBytesIn())
+            return len(history) > 25 and history[-1] == history[-25] and history[-1] > 0
+
+        yield self.waitFor(stalled, 60, "the client to be held back")
+        window = self.config.channel_window
+        accepted = self.clientBytesIn()
+        queued = self.queuedOnNodes()
+        # Bytes the nodes took from the client and have not passed on to the device's
+        # socket, at most: one window per circuit end on the way (A: client end and hop
+        # end, B: hop end and initiator end), plus what sits in socket buffers.
+        self.assertLess(queued, 4 * window, f"queued {queued} with window {window}")
+        self.assertLess(accepted, sent // 4, f"nodes accepted {accepted} of {sent}")
+        print(
+            f"\nslow reader behind the hop: accepted {accepted}, queued {queued}, window {window}"
+        )
+        yield proc.kill()
+
+    def clientBytesIn(self) -> int:
+        total = 0
+        for transport in self.nodes["a"].factory.transports:
+            service = getattr(transport, "service", None)
+            for circuit in getattr(service, "circuits", ()):
+                total += circuit.bytes_up
+        return total
+
+    def queuedOnNodes(self) -> int:
+        total = 0
+        for node in self.nodes.values():
+            transports = list(node.factory.transports) + list(node.factory.relay.transports)
+            peer = node.factory.hops.peers.get("b")
+            if peer is not None and peer.transport is not None:
+                transports.append(peer.transport)
+            for transport in transports:
+                service = getattr(transport, "service", None)
+                for chan in getattr(service, "channels", {}).values():
+                    total += len(getattr(chan, "buf", b""))
+                tcp = transport.transport
+                if tcp is not None:
+                    total += len(getattr(tcp, "dataBuffer", b"")) + getattr(tcp, "_tempDataLen", 0)
+        return total
