@@ -15,7 +15,7 @@ import socket
 import struct
 from typing import Any
 
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import common, keys
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial import unittest
@@ -505,3 +505,55 @@ class HopFaultTests(TwoNodeMixin, unittest.TestCase):
                 if tcp is not None:
                     total += len(getattr(tcp, "dataBuffer", b"")) + getattr(tcp, "_tempDataLen", 0)
         return total
+
+
+class HopOpenFailureTests(TwoNodeMixin, unittest.TestCase):
+    """A refusal or a timeout on node B reaches the client on node A as an open failure."""
+
+    settings = {"channel_open_timeout": "1"}
+
+    @defer.inlineCallbacks
+    def test_initiator_refusal_reaches_client(self) -> Any:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]  # nothing listens here once the socket is closed
+        self.onNode("b", self.key("dev"), "dev", "-N", "-R", f"8080:127.0.0.1:{closed}", stdin=None)
+        listener = yield self.waitPort(8080)
+        out, err, code = yield self.ssh(
+            self.key("client"), "client", "-W", f"{listener.connect_name}:8080"
+        )
+        self.assertEqual(code, 255)
+        self.assertIn(b"open failed: connect failed: initiator refused: Connection refused", err)
+        self.assertEqual(self.hopCount(), 1)  # the hop connection stays for the next circuit
+
+    @defer.inlineCallbacks
+    def test_hung_initiator_times_out_as_open_failure(self) -> Any:
+        from tests.rawssh import connect_client
+
+        key = self.key("hung", options='access="initiate"')
+        hung = yield connect_client(self.nodes["b"].port, key=key, user=b"hung")
+        self.addCleanup(hung.close)
+        num, _ = yield hung.conn.globalRequest(
+            b"tcpip-forward", common.NS(b"") + struct.pack(">L", 80)
+        )
+        self.assertEqual(num, 81)
+        (listener,) = self.registry.listeners()
+        self.assertEqual(listener.node, "b")
+        started = reactor.seconds()
+        out, err, code = yield self.ssh(
+            self.key("client"), "client", "-W", f"{listener.connect_name}:80"
+        )
+        self.assertEqual(code, 255)
+        self.assertIn(b"initiator did not answer in time", err)
+        self.assertLess(reactor.seconds() - started, 10)
+
+        def settled() -> bool:
+            """No open is left waiting on either node (B's own timer ends its side)."""
+            return not any(
+                getattr(t.service, "pendingOpens", None)
+                for node in self.nodes.values()
+                for t in list(node.factory.transports) + list(node.factory.relay.transports)
+            )
+
+        yield self.waitFor(settled, 10, "both nodes to drop the pending open")
+        self.assertEqual(self.hopCount(), 1)
