@@ -106,6 +106,37 @@ class TwoNodeMixin(SwitchboardTestMixin):
         self.assertEqual(listener.node, "b")
         return proc, listener
 
+    def clientBytesIn(self) -> int:
+        total = 0
+        for transport in self.nodes["a"].factory.transports:
+            service = getattr(transport, "service", None)
+            for circuit in getattr(service, "circuits", ()):
+                total += circuit.bytes_up
+        return total
+
+    def queuedOnNodes(self) -> int:
+        total = 0
+        for node in self.nodes.values():
+            transports = list(node.factory.transports) + list(node.factory.relay.transports)
+            peer = node.factory.hops.peers.get("b")
+            if peer is not None and peer.transport is not None:
+                transports.append(peer.transport)
+            for transport in transports:
+                service = getattr(transport, "service", None)
+                for chan in getattr(service, "channels", {}).values():
+                    total += len(getattr(chan, "buf", b""))
+                tcp = transport.transport
+                if tcp is not None:
+                    total += len(getattr(tcp, "dataBuffer", b"")) + getattr(tcp, "_tempDataLen", 0)
+        return total
+
+    def _canConnect(self, port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     def hopCount(self, name: str = "b") -> int:
         """Authenticated hop connections node ``name``'s relay port holds."""
         return sum(1 for t in self.nodes[name].factory.relay.transports if hasattr(t, "avatar"))
@@ -162,13 +193,6 @@ class CrossNodeCircuitTests(TwoNodeMixin, unittest.TestCase):
         self.assertTrue(got)
         received = yield self.halfCloseExchange(local, payload)
         self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
-
-    def _canConnect(self, port: int) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     def halfCloseExchange(self, port: int, payload: bytes) -> defer.Deferred[bytes]:
         """Send payload, shut down writing, read until the far side's EOF."""
@@ -482,30 +506,6 @@ class HopFaultTests(TwoNodeMixin, unittest.TestCase):
         )
         yield proc.kill()
 
-    def clientBytesIn(self) -> int:
-        total = 0
-        for transport in self.nodes["a"].factory.transports:
-            service = getattr(transport, "service", None)
-            for circuit in getattr(service, "circuits", ()):
-                total += circuit.bytes_up
-        return total
-
-    def queuedOnNodes(self) -> int:
-        total = 0
-        for node in self.nodes.values():
-            transports = list(node.factory.transports) + list(node.factory.relay.transports)
-            peer = node.factory.hops.peers.get("b")
-            if peer is not None and peer.transport is not None:
-                transports.append(peer.transport)
-            for transport in transports:
-                service = getattr(transport, "service", None)
-                for chan in getattr(service, "channels", {}).values():
-                    total += len(getattr(chan, "buf", b""))
-                tcp = transport.transport
-                if tcp is not None:
-                    total += len(getattr(tcp, "dataBuffer", b"")) + getattr(tcp, "_tempDataLen", 0)
-        return total
-
 
 class HopOpenFailureTests(TwoNodeMixin, unittest.TestCase):
     """A refusal or a timeout on node B reaches the client on node A as an open failure."""
@@ -557,3 +557,70 @@ class HopOpenFailureTests(TwoNodeMixin, unittest.TestCase):
 
         yield self.waitFor(settled, 10, "both nodes to drop the pending open")
         self.assertEqual(self.hopCount(), 1)
+
+
+class FloodDevice(protocol.Protocol):
+    """A device that writes ``factory.size`` bytes as fast as its socket takes them."""
+
+    def connectionMade(self) -> None:
+        self.sent = 0
+        self.factory.devices.append(self)
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.sent >= self.factory.size:
+            self.transport.unregisterProducer()
+            return
+        self.transport.write(b"\1" * 65536)
+        self.sent += 65536
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class StalledClient(protocol.Protocol):
+    """The client behind ``ssh -L`` that never reads."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+
+class HopSlowClientTests(TwoNodeMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_slow_client_on_a_bounded(self) -> Any:
+        """The device on B floods, the client on A (through ssh -L) never reads: what
+        the nodes queue stays within a few windows and the device is held back."""
+        devices: list[FloodDevice] = []
+        factory = protocol.Factory.forProtocol(FloodDevice)
+        factory.devices = devices  # type: ignore[attr-defined]
+        factory.size = 64 << 20  # type: ignore[attr-defined]
+        dev = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(dev.stopListening)
+        self.onNode(
+            "b", self.key("dev"), "dev", "-N", "-R", f"8080:127.0.0.1:{dev.getHost().port}",
+            stdin=None,
+        )  # fmt: skip
+        listener = yield self.waitPort(8080)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        self.onNode(
+            "a", self.key("client"), "client", "-N", "-L", f"{local}:{listener.connect_name}:8080",
+            stdin=None,
+        )  # fmt: skip
+        yield self.waitFor(lambda: self._canConnect(local), 15, "-L")
+        yield protocol.ClientCreator(reactor, StalledClient).connectTCP("127.0.0.1", local)
+        # (the probe connection above opened and closed one circuit; the stalled one is next)
+        history: list[int] = []
+
+        def stalled() -> bool:
+            history.append(sum(d.sent for d in devices))
+            return len(history) > 25 and history[-1] == history[-25] and history[-1] > 0
+
+        yield self.waitFor(stalled, 60, "the device to be held back")
+        window = self.config.channel_window
+        queued = self.queuedOnNodes()
+        sent = history[-1]
+        print(f"\nslow client behind the hop: device sent {sent}, queued {queued}, window {window}")
+        self.assertLess(queued, 4 * window, f"queued {queued} with window {window}")
+        self.assertLess(sent, factory.size // 4)  # type: ignore[attr-defined]
