@@ -148,6 +148,12 @@ def makeService(options: Options) -> service.IService:
     ssh = strports.service(endpoint, factory)
     ssh.setName("ssh")
     ssh.setServiceParent(top)
+    from .cluster.relay import install as install_relay
+
+    try:
+        install_relay(factory, cfg, top)
+    except ValueError as exc:
+        raise SystemExit(f"nuttconch: {exc}") from None
     from .web import install as install_operations
 
     install_operations(factory, cfg, top)

@@ -624,3 +624,57 @@ class HopSlowClientTests(TwoNodeMixin, unittest.TestCase):
         print(f"\nslow client behind the hop: device sent {sent}, queued {queued}, window {window}")
         self.assertLess(queued, 4 * window, f"queued {queued} with window {window}")
         self.assertLess(sent, factory.size // 4)  # type: ignore[attr-defined]
+
+
+class InstallTests(unittest.TestCase):
+    """The relay is wired only where it can work, and says why not in words."""
+
+    def makeFactory(self, registry: Any, **cluster: str) -> Any:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        from tests.harness import host_key_dir
+
+        lines = "\n".join(f"{k} = {v}" for k, v in cluster.items())
+        path = os.path.join(directory, "nuttssh.ini")
+        with open(path, "w") as handle:
+            handle.write(
+                f"[server]\nlisten_port = 0\n[keys]\nhost_key_dir = {host_key_dir()}\n"
+                f"authorized_keys_file = {directory}/ak\n[cluster]\n{lines}\n"
+            )
+        cfg = configmod.load(path)
+        factory, _ = build(cfg)
+        if registry is not None:
+            factory.registry = registry
+        return factory, cfg, directory
+
+    def test_install_table(self) -> None:
+        from twisted.application.service import MultiService
+
+        cluster = relay.MemoryCluster()
+        keydir = os.path.abspath(self.mktemp())
+        os.makedirs(keydir)
+        listen = {"relay_listen": "tcp:0:interface=127.0.0.1"}
+        for registry, settings, expect in [
+            (None, {}, None),
+            (None, listen, None),
+            (cluster.node("a"), listen, "needs cluster_key_file"),
+            (cluster.node("b"), {**listen, "cluster_key_file": "/nonexistent"}, "/nonexistent"),
+            (cluster.node("c"), {**listen, "cluster_key_file": "KEY"}, "pool"),
+        ]:  # fmt: skip
+            with self.subTest(settings=settings):
+                key, _ = make_key(keydir, "ck")
+                settings = {k: v.replace("KEY", key) for k, v in settings.items()}
+                factory, cfg, directory = self.makeFactory(registry, **settings)
+                parent = MultiService()
+                if expect is None:
+                    self.assertIsNone(relay.install(factory, cfg, parent))
+                    self.assertIsNone(getattr(factory, "hops", None))
+                elif expect == "pool":
+                    pool = relay.install(factory, cfg, parent)
+                    self.assertIs(factory.hops, pool)
+                    self.assertEqual(pool.node, "c")
+                    self.assertIsNotNone(parent.getServiceNamed("relay"))
+                else:
+                    with self.assertRaises(ValueError) as caught:
+                        relay.install(factory, cfg, parent)
+                    self.assertIn(expect, str(caught.exception))

@@ -704,11 +704,34 @@ def load_cluster_key(path: str) -> keys.Key:
     raise ValueError(f"cluster key {path}: expected an unencrypted ed25519 private key")
 
 
+class HopService(service.Service):
+    """Stops the hops with the node: peers' hop connections are told, then dropped."""
+
+    name = "hops"
+
+    def __init__(self, pool: HopPool, relay: Any) -> None:
+        self.pool = pool
+        self.relay = relay
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.pool.closeAll()
+        return self.relay.disconnectAll(b"node is stopping")
+
+
 def install(factory: Any, cfg: Any, parent: Any) -> HopPool | None:
     """With ``[cluster] relay_listen`` set and a registry that knows other nodes, listen
-    for hops and give the factory its pool; otherwise nothing changes."""
-    if not cfg.relay_listen or not IClusterRegistry.providedBy(factory.registry):
+    for hops and give the factory its pool; otherwise nothing changes.
+
+    Raises ValueError (one line for the operator) when the cluster key is missing or bad.
+    """
+    if not cfg.relay_listen:
         return None
+    if not IClusterRegistry.providedBy(factory.registry):
+        log.warn("[cluster] relay_listen is set but this node has no cluster registry: no hops")
+        return None
+    if not cfg.cluster_key_file:
+        raise ValueError("[cluster] relay_listen needs cluster_key_file (the cluster's key)")
     key = load_cluster_key(cfg.cluster_key_file)
     hostKeys = list(factory.privateKeys.values())
     relay = make_relay_factory(factory, [key])
@@ -720,4 +743,6 @@ def install(factory: Any, cfg: Any, parent: Any) -> HopPool | None:
     )
     factory.hops = pool
     factory.relay = relay
+    HopService(pool, relay).setServiceParent(parent)
+    log.info("relay for hops from other nodes on {endpoint}", endpoint=cfg.relay_listen)
     return pool
