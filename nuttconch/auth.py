@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_units,tests.test_auth_security -*-
 """Public-key authentication from authorized_keys, with per-key options.
 
 The checker decides everything about a key at probe time (before the

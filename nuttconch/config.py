@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_units,tests.test_config_fuzz -*-
 """nuttssh.ini: the original Nuttssh keys plus nuttconch's own, all validated at start.
 
 Every key is declared once in ``SCHEMA`` with its type and default, so that
@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .algorithms import parse_algorithms
 
 ENV_VAR = "NUTTSSH_CONFIG_FILE"
 DEFAULT_PATH = "nuttssh.ini"
@@ -109,11 +111,10 @@ def _algorithms(text: str) -> tuple[str, ...]:
 
 
 def _algorithm_names(kind: str) -> Callable[[str], tuple[bytes, ...]]:
-    """An OpenSSH-style list (``+``/``-``/``^`` modifiers), checked against crypto.py."""
+    """An OpenSSH-style list (``+``/``-``/``^`` modifiers), checked against the names
+    in algorithms.py (not the crypto module: parsing a config needs no cipher code)."""
 
     def parse(text: str) -> tuple[bytes, ...]:
-        from .crypto import parse_algorithms
-
         return parse_algorithms(kind, text)
 
     return parse

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_circuits -*-
+# -*- test-case-name: tests.test_circuit,tests.test_channel_security -*-
 """The ssh-connection service: channel-open policy, circuits, flow control, keepalive.
 
 Conch confirms a channel open synchronously and refills windows on its
@@ -11,7 +11,6 @@ do the guards against channel ids and messages that a peer invents.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .budget import budget_of
-from .circuit import Circuit, ClientEnd, InitiatorEnd
+from .circuit import Circuit, ClientEnd, ICircuitEnd, InitiatorEnd, IPendingEnd, OpenRefused
 from .logs import conch_logger
 from .names import escape
 from .registry import NotFound
@@ -38,7 +37,6 @@ OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_UNKNOWN_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 
-_circuit_ids = itertools.count(1)
 _unpack_2L = struct.Struct(">2L").unpack_from
 _unpack_L = struct.Struct(">L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
@@ -89,15 +87,6 @@ def peer_text(value: bytes | str) -> str:
     if len(value) > PEER_TEXT_MAX or len(text) > PEER_TEXT_MAX:
         return text[:PEER_TEXT_MAX] + "..."
     return text
-
-
-class OpenRefused(Exception):
-    """A channel open we refuse; ``code`` is the SSH reason code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class SwitchboardConnection(connection.SSHConnection):
@@ -481,7 +470,7 @@ class SwitchboardConnection(connection.SSHConnection):
             raise OpenRefused(OPEN_CONNECT_FAILED, "no such listener: bad name or port")
         registry = self.transport.factory.registry
         try:
-            listener, bindHost = registry.resolve(host, port)
+            route = registry.resolve(host, port)
         except NotFound as exc:
             log.info(
                 "conn {conn_id}: circuit to {target}:{port} refused: {reason}",
@@ -496,10 +485,10 @@ class SwitchboardConnection(connection.SSHConnection):
         origin = (peer, self.transport.transport.getPeer().port)
         # A listener held by another node of a cluster is reached through the hop to it.
         hops = getattr(self.transport.factory, "hops", None)
-        opener = hops.openerFor(listener) if hops is not None else listener.opener
+        opener = hops.openerFor(route) if hops is not None else route.opener
         self.startCircuit(
-            senderChannel, windowSize, maxPacket, opener, listener.connect_name, bindHost, port,
-            origin, peer,
+            senderChannel, windowSize, maxPacket, opener, route.name, route.bind_host, port,
+            origin, peer, route.listener_id,
         )  # fmt: skip
 
     def startCircuit(
@@ -513,6 +502,7 @@ class SwitchboardConnection(connection.SSHConnection):
         port: int,
         origin: tuple[str, int],
         clientPeer: str,
+        listenerId: str,
     ) -> None:
         """Ask ``opener`` for the far end and confirm the client's channel once it answers
         (shared by the public port's direct-tcpip and the relay port's hop channels)."""
@@ -522,7 +512,8 @@ class SwitchboardConnection(connection.SSHConnection):
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(_circuit_ids), target, clientPeer)
+        circuit = Circuit(next(self.transport.factory.circuitIds), target, clientPeer, listenerId)
+        # Raises OpenRefused when the far end cannot even be asked.
         initiatorEnd = opener.openForwarded(bindHost, port, origin)
         pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
         self.pendingOpens[senderChannel] = pending
@@ -544,7 +535,7 @@ class SwitchboardConnection(connection.SSHConnection):
         self.touch()
         return end
 
-    def completeOpen(self, pending: PendingOpen, initiatorEnd: InitiatorEnd) -> None:
+    def completeOpen(self, pending: PendingOpen, initiatorEnd: ICircuitEnd) -> None:
         """The initiator accepted: register and confirm the client's channel, then splice."""
         del self.pendingOpens[pending.senderChannel]
         client = ClientEnd(
@@ -608,7 +599,7 @@ class PendingOpen:
         windowSize: int,
         maxPacket: int,
         circuit: Circuit,
-        initiatorEnd: InitiatorEnd,
+        initiatorEnd: IPendingEnd,
     ) -> None:
         self.conn = conn
         self.senderChannel = senderChannel
@@ -629,7 +620,7 @@ class PendingOpen:
             self.timer.cancel()
         self.timer = None
 
-    def _accepted(self, end: InitiatorEnd) -> None:
+    def _accepted(self, end: ICircuitEnd) -> None:
         self._stopTimer()
         if self.conn.stopped:
             end.loseConnection()
@@ -649,10 +640,10 @@ class PendingOpen:
 
     def _timedOut(self) -> None:
         self.timer = None
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()
         self.conn.failOpen(self, "initiator did not answer in time", "timeout")
 
     def cancel(self) -> None:
         """The client connection is going away: drop the initiator side when it answers."""
         self._stopTimer()
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostkeys -*-
+# -*- test-case-name: tests.test_units,tests.test_surface_security -*-
 """Host keys and the alias secret: generated once, then reused forever.
 
 Clients pin the host key in known_hosts and initiators print their alias

@@ -63,6 +63,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             b"ssh-connection": SwitchboardConnection,
         }
         self._ids = itertools.count(1)
+        # Circuit ids, per server (not per process: two servers in one process, or the
+        # nodes of a cluster, number their own).
+        self.circuitIds = itertools.count(1)
         self.transports: set[SwitchboardTransport] = set()
         self.avatars: set[Any] = set()
         self.circuitsOpened = 0
@@ -341,6 +344,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             target=circuit.target,
             client=circuit.client_peer,
             latency=latency,
+            listener_id=circuit.listener_id,
         )
         circuit.onClose.append(self._circuitClosed)
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_twistd,tests.test_ops -*-
 """``twistd nuttconch``: command-line options and service composition, nothing else."""
 
 from __future__ import annotations

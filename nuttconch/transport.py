@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_transport -*-
+# -*- test-case-name: tests.test_crypto,tests.test_protocol_security -*-
 """The SSH transport: safe algorithms, a handshake deadline, and no tracebacks.
 
 Stock Conch negotiates zlib before authentication (a memory bomb), offers

@@ -32,6 +32,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 log = Logger()
 
 EVENTS = frozenset({"initiator.up", "initiator.down", "circuit.open", "circuit.close"})
+# Event fields for the server's own observers (metrics), not part of the webhook body.
+INTERNAL_FIELDS = frozenset({"listener_id"})
 MAX_BACKOFF = 300.0
 USER_AGENT = b"nuttconch-webhooks/0.1"
 
@@ -106,7 +108,8 @@ class Webhooks(Service):
             "server": self.server,
         }
         for key, value in fields.items():
-            body.setdefault(key, value)
+            if key not in INTERNAL_FIELDS:
+                body.setdefault(key, value)
         self.queue.append(body)
         self._schedule(0)
 

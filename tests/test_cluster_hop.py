@@ -22,8 +22,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from nuttconch import config as configmod
+from nuttconch.circuit import OpenRefused
 from nuttconch.cluster import relay
-from nuttconch.connection import OpenRefused
 from nuttconch.tap import build
 from tests.harness import SwitchboardTestMixin, _timeout, listen_echo, make_key
 
@@ -230,7 +230,7 @@ class CrossNodeCircuitTests(TwoNodeMixin, unittest.TestCase):
         """The initiator's connection ends between resolve and open: B refuses the hop
         and the client sees why (no hang, no traceback)."""
         proc, listener = yield self.initiatorOnB()
-        listenerId = listener.listener_id
+        listenerId = listener.id
         yield proc.kill()
         yield self.waitFor(lambda: not listener.ports, 10, "the initiator to leave")
         pending = self.nodes["a"].factory.hops.open("b", listenerId, 8080, ("127.0.0.1", 1))
@@ -248,23 +248,28 @@ class HopAccessTests(TwoNodeMixin, unittest.TestCase):
             setattr(pool, attr, value)
         self.cluster.relays["b"] = address
         _, listener = yield self.initiatorOnB()
-        pending = pool.open("b", listener.listener_id, 8080, ("127.0.0.1", 1))
+        pending = pool.open("b", listener.id, 8080, ("127.0.0.1", 1))
         failure = yield self.assertFailure(pending.opened, OpenRefused)
         return failure.message
 
     @defer.inlineCallbacks
     def test_hop_refused_on_public_port(self) -> Any:
+        """A hop channel on the public SSH port (the cluster key logs in there as any
+        key would) is refused as an unknown channel type."""
         message = yield self.openVia(f"127.0.0.1:{self.nodes['b'].port}")
         self.assertIn("unknown channel type hop@nuttconch", message)
 
     @defer.inlineCallbacks
     def test_non_cluster_key_refused(self) -> Any:
+        """A node dialling with a key that is not the cluster key is refused at login, by name."""
         other = keys.Key.fromFile(make_key(self.dir, "other")[0])
         message = yield self.openVia(self.cluster.relays["b"], key=other)
         self.assertIn("the relay port accepts only the cluster key", message)
 
     @defer.inlineCallbacks
     def test_foreign_host_key_refused(self) -> Any:
+        """A relay presenting a host key that is not one of the cluster's is dropped
+        before login."""
         stranger = keys.Key.fromFile(make_key(self.dir, "stranger")[0])
         message = yield self.openVia(self.cluster.relays["b"], hostKeyBlobs=[stranger.blob()])
         self.assertIn("host key", message)
@@ -289,6 +294,8 @@ class HopUnitTests(unittest.TestCase):
     """Table-driven checks of the hop's parsing and configuration."""
 
     def test_unpack_hop_table(self) -> None:
+        """Malformed hop requests (short, long, empty or oversized id, port 0 or out of
+        range, bad UTF-8) raise; a good one round-trips."""
         good = relay.pack_hop("b/7", 8080, ("10.0.0.1", 5555))
         self.assertEqual(relay.unpack_hop(good), ("b/7", 8080, ("10.0.0.1", 5555)))
         bad = [
@@ -308,6 +315,7 @@ class HopUnitTests(unittest.TestCase):
                 )
 
     def test_config_table(self) -> None:
+        """[cluster] keys the hop uses: good values parse, bad ones stop start-up naming the key."""
         cases = [
             ("node_name", "node-1", "node-1"),
             ("node_name", "node-1.eu", None),
@@ -338,6 +346,7 @@ class HopUnitTests(unittest.TestCase):
                     self.assertEqual(getattr(configmod.load(path), key), expected)
 
     def test_cluster_key_file_errors(self) -> None:
+        """A missing file, a non-ed25519 key or a public key is refused with the file's name."""
         directory = self.mktemp()
         os.makedirs(directory)
         ed, _ = make_key(directory, "ed")
@@ -355,6 +364,7 @@ class HopUnitTests(unittest.TestCase):
                 self.assertIn(words, str(caught.exception))
 
     def test_client_endpoint_table(self) -> None:
+        """relay_address forms map to the endpoint the pool dials."""
         from twisted.internet import endpoints
 
         for address, kind in [
@@ -428,6 +438,8 @@ class HopFaultTests(TwoNodeMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_hop_dropped_mid_circuit_ends_only_its_circuits(self) -> Any:
+        """A proxy in front of B's relay port cuts the hop: the crossing circuit ends,
+        node A's local circuit goes on, and the next crossing circuit dials again."""
         proxy = CuttableProxy(self.nodes["b"].relayPort)
         port = reactor.listenTCP(0, proxy, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -514,6 +526,7 @@ class HopOpenFailureTests(TwoNodeMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_initiator_refusal_reaches_client(self) -> Any:
+        """The initiator's own refusal text crosses the hop to the client unchanged."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]  # nothing listens here once the socket is closed
@@ -528,6 +541,8 @@ class HopOpenFailureTests(TwoNodeMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_hung_initiator_times_out_as_open_failure(self) -> Any:
+        """An initiator on B that never answers: the client on A gets the open
+        timeout as an open failure, and neither node keeps the pending open."""
         from tests.rawssh import connect_client
 
         key = self.key("hung", options='access="initiate"')
@@ -648,6 +663,8 @@ class InstallTests(unittest.TestCase):
         return factory, cfg, directory
 
     def test_install_table(self) -> None:
+        """No relay_listen or no cluster registry: nothing installed; a missing or bad
+        key: a one-line error; otherwise the relay listener and the pool."""
         from twisted.application.service import MultiService
 
         cluster = relay.MemoryCluster()

@@ -260,6 +260,11 @@ class WebhookTests(WebhookMixin, unittest.TestCase):
         self.assertTrue(up["fingerprint"].startswith("SHA256:"))
         self.assertEqual(opened["target"], f"{name}:80")
         self.assertIn("latency", opened)
+        # The registry's listener id is for the server's own observers, not the body.
+        self.assertEqual(
+            sorted(opened), ["circuit_id", "client", "event", "latency", "seq", "server",
+                             "target", "time"]
+        )  # fmt: skip
         self.assertEqual((closed["bytes_up"], closed["bytes_down"]), (4, 4))
         self.assertIn("duration", closed)
         self.assertEqual([b["seq"] for b in self.receiver.bodies], [1, 2, 3, 4])

@@ -40,23 +40,22 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import implementer
 
 from ..auth import ConnectionInfo, Identity, Refused, fingerprint
-from ..circuit import InitiatorEnd
+from ..circuit import InitiatorEnd, IOpener, IPendingEnd, OpenRefused
 from ..connection import (
     MIN_MAX_PACKET,
     OPEN_CONNECT_FAILED,
     OPEN_PROHIBITED,
     OPEN_RESOURCE_SHORTAGE,
     OPEN_UNKNOWN_TYPE,
-    OpenRefused,
     SwitchboardConnection,
     peer_text,
 )
 from ..crypto import MSG_CHANNEL_DATA
 from ..names import escape
-from ..registry import InMemoryRegistry, IRegistry, Listener
+from ..registry import InMemoryRegistry, IRegistry, Listener, Route
 from .client_transport import ClientTransportMixin
 
 log = Logger()
@@ -72,12 +71,9 @@ _hop_ids = itertools.count(1)
 class IClusterRegistry(IRegistry):
     """What the hop needs from a registry shared by several nodes.
 
-    ``resolve`` returns a record with ``node`` (the owning node's name) and
-    ``listener_id`` (its registration id, unique in the cluster) besides what
-    IRegistry gives; the embedded registry's listeners have neither and are local.
+    ``resolve``'s Route names the owning node and the listener id (unique in the
+    cluster); a route whose node is not this registry's ``node`` goes through a hop.
     """
-
-    node_name = Attribute("this node's name (str)")
 
     def relay_address(node: str) -> str | None:
         """Where ``node``'s relay listener is dialled (``host:port`` or a client
@@ -85,10 +81,6 @@ class IClusterRegistry(IRegistry):
 
     def local_listener(listener_id: str) -> Listener | None:
         """This node's own live listener with that id, or None."""
-
-
-def listener_node(listener: Any) -> str:
-    return str(getattr(listener, "node", "") or "")
 
 
 def pack_hop(listener_id: str, port: int, origin: tuple[str, int]) -> bytes:
@@ -216,7 +208,7 @@ class HopServerConnection(SwitchboardConnection):
         except (struct.error, ValueError, UnicodeDecodeError, IndexError):
             raise OpenRefused(OPEN_CONNECT_FAILED, "malformed hop request") from None
         registry = self.transport.factory.registry
-        node = registry.node_name
+        node = registry.node
         listener = registry.local_listener(listenerId)
         bindHost = listener.ports.get(port) if listener is not None else None
         if listener is None or bindHost is None:
@@ -226,7 +218,7 @@ class HopServerConnection(SwitchboardConnection):
         peerNode = self.avatar.identity.username
         self.startCircuit(
             senderChannel, windowSize, maxPacket, listener.opener, listener.connect_name,
-            bindHost, port, origin, f"{origin[0]} via node {peerNode}",
+            bindHost, port, origin, f"{origin[0]} via node {peerNode}", listener.id,
         )  # fmt: skip
 
 
@@ -264,6 +256,7 @@ class HopEnd(InitiatorEnd):
         super().openFailed(reason)
 
 
+@implementer(IPendingEnd)
 class PendingHop:
     """What ``openForwarded`` returns for a remote listener: the open's answer may have to
     wait for the hop connection, so the channel comes later; ``abandoned`` (set by the
@@ -292,6 +285,7 @@ class PendingHop:
             self.opened.errback(OpenRefused(code, message))
 
 
+@implementer(IOpener)
 class RemoteOpener:
     """Stands in for a remote listener's opener in ``startCircuit``."""
 
@@ -302,6 +296,11 @@ class RemoteOpener:
 
     def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> PendingHop:
         return self.pool.open(self.node, self.listenerId, port, origin)
+
+    def disconnect(self, reason: str) -> bool:
+        """Dropping an initiator on another node is that node's to do (kick from any
+        node goes through the registry, not through the hop)."""
+        return False
 
 
 class HopClientConnection(SwitchboardConnection):
@@ -593,14 +592,14 @@ class HopPool:
         self.clock = self.reactor
         self.peers: dict[str, HopPeer] = {}
 
-    def isRemote(self, listener: Any) -> bool:
-        node = listener_node(listener)
-        return bool(node) and node != self.node
+    def isRemote(self, route: Route) -> bool:
+        return bool(route.node) and route.node != self.node
 
-    def openerFor(self, listener: Any) -> Any:
-        if not self.isRemote(listener):
-            return listener.opener
-        return RemoteOpener(self, listener_node(listener), str(listener.listener_id))
+    def openerFor(self, route: Route) -> Any:
+        """The route's own opener on its node; a hop to its node otherwise."""
+        if not self.isRemote(route):
+            return route.opener
+        return RemoteOpener(self, route.node, route.listener_id)
 
     def open(self, node: str, listenerId: str, port: int, origin: tuple[str, int]) -> PendingHop:
         peer = self.peers.get(node)
@@ -642,7 +641,7 @@ class MemoryCluster:
         return view
 
     def _event(self, event: str, listener: Listener, port: int | None) -> None:
-        view = self.views.get(listener_node(listener))
+        view = self.views.get(listener.node)
         if view is not None:
             for observer in list(view.observers):
                 observer(event, listener, port)
@@ -656,14 +655,16 @@ class NodeRegistry(service.Service):
 
     def __init__(self, cluster: MemoryCluster, node: str) -> None:
         self.cluster = cluster
-        self.node_name = node
+        self.node = node
         self.observers: list[Any] = []
 
-    def add_port(self, listener: Listener, bind_host: str, port: int) -> int:
-        if not getattr(listener, "listener_id", None):
-            listener.node = self.node_name  # type: ignore[attr-defined]
-            listener.listener_id = f"{self.node_name}/{next(self.cluster._ids)}"  # type: ignore[attr-defined]
-        return self.cluster.core.add_port(listener, bind_host, port)
+    def add_port(
+        self, listener: Listener, bind_host: str, port: int, limit: int | None = None
+    ) -> int:
+        if not listener.id:
+            listener.node = self.node
+            listener.id = f"{self.node}/{next(self.cluster._ids)}"
+        return self.cluster.core.add_port(listener, bind_host, port, limit)
 
     def remove_port(self, listener: Listener, port: int) -> bool:
         return self.cluster.core.remove_port(listener, port)
@@ -671,8 +672,11 @@ class NodeRegistry(service.Service):
     def remove_listener(self, listener: Listener) -> None:
         self.cluster.core.remove_listener(listener)
 
-    def resolve(self, target: str, port: int) -> tuple[Listener, str]:
+    def resolve(self, target: str, port: int) -> Route:
         return self.cluster.core.resolve(target, port)
+
+    def find(self, target: str) -> Listener:
+        return self.cluster.core.find(target)
 
     def listeners(self) -> list[Listener]:
         return self.cluster.core.listeners()
@@ -682,10 +686,7 @@ class NodeRegistry(service.Service):
 
     def local_listener(self, listener_id: str) -> Listener | None:
         for listener in self.cluster.core.listeners():
-            if (
-                getattr(listener, "listener_id", None) == listener_id
-                and listener_node(listener) == self.node_name
-            ):
+            if listener.id == listener_id and listener.node == self.node:
                 return listener
         return None
 
@@ -739,7 +740,7 @@ def install(factory: Any, cfg: Any, parent: Any) -> HopPool | None:
     listening.setName("relay")
     listening.setServiceParent(parent)
     pool = HopPool(
-        factory.registry.node_name, factory.registry, key, hostKeys, cfg, budget=factory.budget
+        factory.registry.node, factory.registry, key, hostKeys, cfg, budget=factory.budget
     )
     factory.hops = pool
     factory.relay = relay
