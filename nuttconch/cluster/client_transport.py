@@ -123,7 +123,12 @@ class ClientTransportMixin(ModernTransportMixin):
         compOut = negotiate(list(self.supportedCompressions), compCS)
         compIn = negotiate(list(self.supportedCompressions), compSC)
         chosen = (kexAlg, keyAlg, cipIn, cipOut, macIn, macOut, compIn, compOut)
-        if None in chosen or kexAlg in PSEUDO_KEX or not _kex.isEllipticCurve(kexAlg):
+        if (
+            kexAlg is None
+            or None in chosen
+            or kexAlg in PSEUDO_KEX
+            or not _kex.isEllipticCurve(kexAlg)
+        ):
             self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # noqa: E501
             return
         self.kexAlg = kexAlg

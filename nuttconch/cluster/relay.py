@@ -309,6 +309,8 @@ class HopClientConnection(SwitchboardConnection):
     def touch(self) -> None:
         """Pooled: an idle hop connection stays up for the next circuit."""
 
+    transport: Any
+
     def serviceStarted(self) -> None:
         super().serviceStarted()
         self.transport.hopReady(self)
@@ -339,8 +341,10 @@ class HopUserAuthClient(userauth.SSHUserAuthClient):
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
         return defer.succeed(self.key)
 
-    def getPassword(self, prompt: bytes | None = None) -> None:  # type: ignore[override]
+    def getPassword(self, prompt: bytes | None = None) -> None:
         return None
+
+    transport: Any
 
     def ssh_USERAUTH_BANNER(self, packet: bytes) -> None:
         text = common.getNS(packet)[0]
