@@ -159,6 +159,7 @@ class CrossNodeCircuitTests(TwoNodeMixin, unittest.TestCase):
         hop = self.nodes["a"].factory.hops.peers["b"].transport
         self.assertTrue(hop.strictKex)
         self.assertIn(hop.currentEncryptions.outCipType, self.config.ciphers)
+        self.assertTrue(hop.currentEncryptions.outCipType.endswith(b"-gcm@openssh.com"))
         (far,) = [t for t in self.nodes["b"].factory.relay.transports if hasattr(t, "avatar")]
         self.assertTrue(far.strictKex)
         self.assertEqual(far.avatar.identity.username, "a")

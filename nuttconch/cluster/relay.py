@@ -365,7 +365,11 @@ class HopClientTransport(ClientTransportMixin, conch_transport.SSHClientTranspor
         self.connId = f"hop{next(_hop_ids)}"
         self.node = self.factory.node
         self.clock = self.factory.clock
-        self.supportedCiphers = list(self.factory.config.ciphers)
+        # AES-GCM first among the configured ciphers: with AES instructions it costs
+        # about half of ChaCha20-Poly1305 per byte, and every crossing byte pays it twice.
+        self.supportedCiphers = sorted(
+            self.factory.config.ciphers, key=lambda name: not name.endswith(b"-gcm@openssh.com")
+        )
         self.supportedMACs = list(self.factory.config.macs)
         tcp = self.transport
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
