@@ -21,6 +21,7 @@ only the circuits it carried.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import struct
@@ -655,6 +656,20 @@ class MemoryCluster:
                 observer(event, listener, port)
 
 
+@implementer(IOpener)
+class ElsewhereOpener:
+    """A remote listener's opener as a node without a hop pool sees it: it refuses."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> Any:
+        raise OpenRefused(OPEN_CONNECT_FAILED, f"listener is on node {self.node}: no hop to it")
+
+    def disconnect(self, reason: str) -> bool:
+        return False
+
+
 @implementer(IClusterRegistry)
 class NodeRegistry(service.Service):
     """One node's view of a MemoryCluster."""
@@ -681,7 +696,12 @@ class NodeRegistry(service.Service):
         self.cluster.core.remove_listener(listener)
 
     def resolve(self, target: str, port: int) -> Route:
-        return self.cluster.core.resolve(target, port)
+        """Another node's listener comes without a usable opener, as from a registry
+        shared between processes: the only way to it is the hop."""
+        route = self.cluster.core.resolve(target, port)
+        if route.node != self.node:
+            route = dataclasses.replace(route, opener=ElsewhereOpener(route.node))
+        return route
 
     def find(self, target: str) -> Listener:
         return self.cluster.core.find(target)
