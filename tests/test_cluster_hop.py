@@ -696,3 +696,53 @@ class InstallTests(unittest.TestCase):
                     with self.assertRaises(ValueError) as caught:
                         relay.install(factory, cfg, parent)
                     self.assertIn(expect, str(caught.exception))
+
+
+class HttpDevice(protocol.Protocol):
+    """A device answering any request with ``factory.body`` over HTTP/1.0."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not getattr(self, "answered", False):
+            self.answered = True
+            body = self.factory.body
+            self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.transport.write(body)
+            self.transport.loseConnection()
+
+
+class HopSocksTests(TwoNodeMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_d_socks_through_a_to_b(self) -> Any:
+        """ssh -D on node A, curl through it by name: 4 MiB from a device behind node B
+        arrive intact (the name goes to the server as given: socks5-hostname)."""
+        from twisted.internet import utils
+        from twisted.python.procutils import which
+
+        curl = which("curl")
+        if not curl:
+            raise unittest.SkipTest("curl not installed")
+        factory = protocol.Factory.forProtocol(HttpDevice)
+        factory.body = os.urandom(4 << 20)  # type: ignore[attr-defined]
+        dev = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(dev.stopListening)
+        self.onNode(
+            "b", self.key("dev"), "dev", "-N", "-R", f"80:127.0.0.1:{dev.getHost().port}",
+            stdin=None,
+        )  # fmt: skip
+        listener = yield self.waitPort(80)
+        socks = self.freePort()
+        self.onNode("a", self.key("client"), "client", "-N", "-D", str(socks), stdin=None)
+        yield self.waitFor(lambda: self._canConnect(socks), 15, "ssh -D to listen")
+        out = yield utils.getProcessOutput(
+            curl[0],
+            ["-s", "--max-time", "30", "--socks5-hostname", f"127.0.0.1:{socks}",
+             f"http://{listener.connect_name}/"],
+            errortoo=False,
+        )  # fmt: skip
+        self.assertEqual(hashlib.sha256(out).digest(), hashlib.sha256(factory.body).digest())  # type: ignore[attr-defined]
+        self.assertEqual(self.hopCount(), 1)
+
+    def freePort(self) -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
