@@ -281,17 +281,6 @@ class _LiveCollector(Collector):
             yield named
 
 
-def attach(factory: Any, per_name_labels: bool = False) -> Metrics:
-    """Create the metrics for ``factory`` (once) and subscribe them to its events."""
-    existing = getattr(factory, "metrics", None)
-    if isinstance(existing, Metrics):
-        return existing
-    metrics = Metrics(factory, per_name_labels)
-    factory.observers.append(metrics.observe)
-    factory.metrics = metrics
-    return metrics
-
-
 # Snapshots for the status page, the JSON API and the --json commands.
 
 

@@ -215,21 +215,3 @@ class Webhooks(Service):
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return None
-
-
-def attach(factory: Any, cfg: Any, reactor: Any = None) -> Webhooks | None:
-    """Create the sender if ``[events] url`` is set and subscribe it to ``factory``."""
-    if not cfg.url:
-        return None
-    hooks = Webhooks(
-        cfg.url,
-        queue_size=cfg.queue_size,
-        timeout=cfg.timeout,
-        retries=cfg.retries,
-        backoff=cfg.backoff,
-        server=cfg.server_fqdn,
-        reactor=reactor,
-    )
-    factory.observers.append(hooks.observe)
-    factory.webhooks = hooks
-    return hooks

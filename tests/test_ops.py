@@ -17,7 +17,8 @@ from twisted.web import resource, server
 
 from nuttconch import config as configmod
 from nuttconch import metrics as metricsmod
-from nuttconch import web, webhooks
+from nuttconch import webhooks
+from nuttconch.tap import install_operations
 
 from .harness import SwitchboardTestMixin, listen_echo
 
@@ -47,7 +48,7 @@ class OpsTestMixin(SwitchboardTestMixin):
     def startServer(self, **overrides: str) -> Any:
         super().startServer(**overrides)
         self.parent = service.MultiService()
-        web.install(self.factory, self.config, self.parent)
+        install_operations(self.factory, self.config, self.parent)
         self.metrics = self.factory.metrics
         self.parent.startService()
         self.addCleanup(self.parent.stopService)

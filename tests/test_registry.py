@@ -265,8 +265,8 @@ class ListenerBytesTests(unittest.TestCase):
 
         factory = Factory()
         factory.registry = registry  # type: ignore[attr-defined]
-        factory.observers = []  # type: ignore[attr-defined]
-        m = metrics.attach(factory)
+        m = metrics.Metrics(factory)
+        factory.metrics = m  # type: ignore[attr-defined]
         old = Listener("old", ("old-abcdefg", "web"))
         registry.add_port(old, "", 80)
         route = registry.resolve("web", 80)

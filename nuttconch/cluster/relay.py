@@ -234,6 +234,7 @@ def make_relay_factory(main: Any, clusterKeys: Iterable[keys.Key]) -> Any:
     relay.services = dict(relay.services)
     relay.services[b"ssh-connection"] = HopServerConnection
     relay.budget = main.budget
+    relay.circuitIds = main.circuitIds  # one numbering in this node's logs
     return relay
 
 
@@ -748,7 +749,7 @@ class HopService(service.Service):
         return self.relay.disconnectAll(b"node is stopping")
 
 
-def install(factory: Any, cfg: Any, parent: Any) -> HopPool | None:
+def install(factory: Any, cfg: Any, parent: Any, reactor: Any = None) -> HopPool | None:
     """With ``[cluster] relay_listen`` set and a registry that knows other nodes, listen
     for hops and give the factory its pool; otherwise nothing changes.
 
@@ -764,11 +765,18 @@ def install(factory: Any, cfg: Any, parent: Any) -> HopPool | None:
     key = load_cluster_key(cfg.cluster_key_file)
     hostKeys = list(factory.privateKeys.values())
     relay = make_relay_factory(factory, [key])
-    listening = strports.service(cfg.relay_listen, relay)
+    reactor = reactor if reactor is not None else default_reactor
+    listening = strports.service(cfg.relay_listen, relay, reactor=reactor)
     listening.setName("relay")
     listening.setServiceParent(parent)
     pool = HopPool(
-        factory.registry.node, factory.registry, key, hostKeys, cfg, budget=factory.budget
+        factory.registry.node,
+        factory.registry,
+        key,
+        hostKeys,
+        cfg,
+        budget=factory.budget,
+        reactor=reactor,
     )
     factory.hops = pool
     factory.relay = relay
