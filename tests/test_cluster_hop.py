@@ -746,3 +746,46 @@ class HopSocksTests(TwoNodeMixin, unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
+
+
+class RegistryContractTests(TwoNodeMixin, unittest.TestCase):
+    """What the hop asks of a shared registry, in the forms a store-backed one gives."""
+
+    @defer.inlineCallbacks
+    def test_address_from_a_round_trip(self) -> Any:
+        """relay_address answering with a Deferred: the first circuit waits for it,
+        later ones reuse the hop; an unknown node fails the open with its name."""
+        self.cluster.asyncAddresses = True
+        _, listener = yield self.initiatorOnB()
+        client = self.key("client")
+        results = yield defer.gatherResults(
+            [
+                self.ssh(client, "client", "-W", f"{listener.connect_name}:8080", stdin=b"p%d" % i)
+                for i in range(3)
+            ]
+        )
+        self.assertEqual(sorted(r[0] for r in results), [b"p0", b"p1", b"p2"])
+        self.assertEqual(self.hopCount(), 1)
+        pending = self.nodes["a"].factory.hops.open("c", "c/1", 80, ("127.0.0.1", 1))
+        failure = yield self.assertFailure(pending.opened, OpenRefused)
+        self.assertEqual(failure.message, "node c has no relay address")
+
+    def test_local_listener_table(self) -> None:
+        """A registry without local_listener is searched through local_listeners()."""
+
+        class Scanning:
+            def __init__(self, listeners: list[Any]) -> None:
+                self._listeners = listeners
+
+            def local_listeners(self) -> list[Any]:
+                return self._listeners
+
+        from nuttconch.registry import Listener
+
+        held, idle = Listener("h", ("h",)), Listener("i", ("i",))
+        held.id, idle.id = "b/1", "b/2"
+        held.ports[80] = "localhost"
+        registry = Scanning([held, idle])
+        for listenerId, expected in [("b/1", held), ("b/2", None), ("b/3", None), ("", None)]:
+            with self.subTest(listenerId=listenerId):
+                self.assertIs(relay.local_listener(registry, listenerId), expected)

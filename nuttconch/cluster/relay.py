@@ -76,12 +76,26 @@ class IClusterRegistry(IRegistry):
     cluster); a route whose node is not this registry's ``node`` goes through a hop.
     """
 
-    def relay_address(node: str) -> str | None:
+    def relay_address(node: str) -> str | None | defer.Deferred[str | None]:
         """Where ``node``'s relay listener is dialled (``host:port`` or a client
-        endpoint string), or None when the node is unknown or gone."""
+        endpoint string), or None when the node is unknown or gone; a Deferred of
+        either where the answer takes a round trip to the registry's store."""
 
     def local_listener(listener_id: str) -> Listener | None:
         """This node's own live listener with that id, or None."""
+
+
+def local_listener(registry: Any, listenerId: str) -> Listener | None:
+    """This node's live listener with that id: ``local_listener`` where the registry has
+    it, else a scan of its ``local_listeners()``."""
+    find = getattr(registry, "local_listener", None)
+    if find is not None:
+        found: Listener | None = find(listenerId)
+        return found
+    for listener in registry.local_listeners():
+        if listener.id == listenerId and listener.ports:
+            return listener
+    return None
 
 
 def pack_hop(listener_id: str, port: int, origin: tuple[str, int]) -> bytes:
@@ -210,7 +224,7 @@ class HopServerConnection(SwitchboardConnection):
             raise OpenRefused(OPEN_CONNECT_FAILED, "malformed hop request") from None
         registry = self.transport.factory.registry
         node = registry.node
-        listener = registry.local_listener(listenerId)
+        listener = local_listener(registry, listenerId)
         bindHost = listener.ports.get(port) if listener is not None else None
         if listener is None or bindHost is None:
             why = f"no such listener: {escape(listenerId)} port {port} is not held on node {node}"
@@ -470,6 +484,20 @@ class HopPeer(protocol.ClientFactory):
         self.timer: Any = None
         self.gone = False
 
+    def addressFound(self, address: str | None, failure: Failure | None = None) -> None:
+        """The registry answered where ``node`` takes hops (None: it does not know)."""
+        if self.gone:
+            return
+        if not address:
+            why = f" ({failure.getErrorMessage()})" if failure is not None else ""
+            self._giveUp(f"node {self.node} has no relay address{why}")
+            return
+        self.address = address
+        try:
+            self.connect()
+        except ValueError as exc:  # a relay address the endpoint parser refuses
+            self._giveUp(f"node {self.node}'s relay address {address!r} is unusable: {exc}")
+
     def connect(self) -> None:
         endpoint = client_endpoint(self.pool.reactor, self.address)
         self.connecting = endpoint.connect(self)
@@ -612,16 +640,21 @@ class HopPool:
         return RemoteOpener(self, route.node, route.listener_id)
 
     def open(self, node: str, listenerId: str, port: int, origin: tuple[str, int]) -> PendingHop:
+        """Open a hop channel to ``listenerId`` on ``node``, dialling the node first if
+        this node has no hop to it yet (its address may take a registry round trip)."""
         peer = self.peers.get(node)
-        if peer is None:
-            address = self.registry.relay_address(node)
-            if not address:
-                pending = PendingHop()
-                pending.fail(OPEN_CONNECT_FAILED, f"node {node} has no relay address")
-                return pending
-            peer = self.peers[node] = HopPeer(self, node, address)
-            peer.connect()
-        return peer.open(listenerId, port, origin)
+        if peer is not None:
+            return peer.open(listenerId, port, origin)
+        peer = self.peers[node] = HopPeer(self, node, "")
+        pending = peer.open(listenerId, port, origin)  # queued before the address is known
+        address = self.registry.relay_address(node)
+        if isinstance(address, defer.Deferred):
+            address.addCallbacks(
+                peer.addressFound, lambda failure: peer.addressFound(None, failure)
+            )
+        else:
+            peer.addressFound(address)
+        return pending
 
     def forget(self, peer: HopPeer) -> None:
         if self.peers.get(peer.node) is peer:
@@ -642,6 +675,8 @@ class MemoryCluster:
     def __init__(self) -> None:
         self.core = InMemoryRegistry()
         self.relays: dict[str, str] = {}
+        #: Answer relay_address with a Deferred, as a registry that asks its store would.
+        self.asyncAddresses = False
         self.views: dict[str, NodeRegistry] = {}
         self._ids = itertools.count(1)
         self.core.observers.append(self._event)
@@ -710,8 +745,13 @@ class NodeRegistry(service.Service):
     def listeners(self) -> list[Listener]:
         return self.cluster.core.listeners()
 
-    def relay_address(self, node: str) -> str | None:
-        return self.cluster.relays.get(node)
+    def relay_address(self, node: str) -> str | None | defer.Deferred[str | None]:
+        address = self.cluster.relays.get(node)
+        if self.cluster.asyncAddresses:
+            d: defer.Deferred[str | None] = defer.Deferred()
+            default_reactor.callLater(0.01, d.callback, address)
+            return d
+        return address
 
     def local_listener(self, listener_id: str) -> Listener | None:
         for listener in self.cluster.core.listeners():
@@ -757,7 +797,10 @@ def install(factory: Any, cfg: Any, parent: Any, reactor: Any = None) -> HopPool
     """
     if not cfg.relay_listen:
         return None
-    if not IClusterRegistry.providedBy(factory.registry):
+    registry = factory.registry
+    if not IClusterRegistry.providedBy(registry) and not (
+        hasattr(registry, "relay_address") and hasattr(registry, "local_listeners")
+    ):
         log.warn("[cluster] relay_listen is set but this node has no cluster registry: no hops")
         return None
     if not cfg.cluster_key_file:
