@@ -25,7 +25,7 @@ from nuttconch import config as configmod
 from nuttconch.circuit import OpenRefused
 from nuttconch.cluster import relay
 from nuttconch.tap import build
-from tests.harness import SwitchboardTestMixin, _timeout, listen_echo, make_key
+from tests.harness import SSH, SwitchboardTestMixin, _timeout, listen_echo, make_key
 
 
 class Node:
@@ -789,3 +789,53 @@ class RegistryContractTests(TwoNodeMixin, unittest.TestCase):
         for listenerId, expected in [("b/1", held), ("b/2", None), ("b/3", None), ("", None)]:
             with self.subTest(listenerId=listenerId):
                 self.assertIs(relay.local_listener(registry, listenerId), expected)
+
+
+class HopJumpAndOrderTests(TwoNodeMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_jump_to_sshd_behind_initiator_on_b(self) -> Any:
+        """ssh -J through node A to a real OpenSSH sshd behind an initiator on node B."""
+        from tests.test_flows import JumpHostTests
+
+        inner = self.key("inner")
+        sshdPort = yield JumpHostTests.startSshd(self, inner + ".pub")  # type: ignore[arg-type]
+        key = self.key("box")
+        self.onNode("b", key, "box", "-N", "-R", f"22:127.0.0.1:{sshdPort}", stdin=None)
+        listener = yield self.waitPort(22)
+        cfg = os.path.join(self.dir, "jump_config")
+        with open(cfg, "w") as handle:
+            handle.write(
+                f"Host switch\n    HostName 127.0.0.1\n    Port {self.nodes['a'].port}\n"
+                f"    User client\n    IdentityFile {self.key('client')}\n"
+                f"    UserKnownHostsFile {os.path.join(self.dir, 'known_hosts')}\n"
+                "Host *\n    BatchMode yes\n    IdentitiesOnly yes\n    IdentityAgent none\n"
+                "    StrictHostKeyChecking accept-new\n"
+                f"    UserKnownHostsFile {os.path.join(self.dir, 'known_hosts_inner')}\n"
+                "    ControlMaster no\n    ConnectTimeout 5\n"
+            )
+        argv = [SSH or "ssh", "-F", cfg, "-J", "switch", "-i", inner, "-l", "root"]
+        proc = self.spawn(None, "", argv=[*argv, listener.connect_name, "echo", "jumped"])
+        out, err, code = yield _timeout(proc.ended, 30, "ssh -J to finish")
+        self.assertEqual((out, code), (b"jumped\n", 0), err)
+        self.assertEqual(self.hopCount(), 1)
+
+    @defer.inlineCallbacks
+    def test_index_means_the_same_on_both_nodes(self) -> Any:
+        """One alias held on A (older) and on B (newer): from either node ``shared~0`` is
+        B's device and ``shared~1`` A's, crossing the hop whichever way is needed."""
+        older = self.key("ka", options='access="initiate",alias="shared"')
+        newer = self.key("kb", options='access="initiate",alias="shared"')
+        self.onNode("a", older, "alpha", "-N", "-R", f"4000:127.0.0.1:{listen_echo(self, b'A:')}",
+                    stdin=None)  # fmt: skip
+        yield self.waitFor(lambda: len(self.registry.listeners()) == 1, 10, "alpha")
+        self.onNode("b", newer, "beta", "-N", "-R", f"4000:127.0.0.1:{listen_echo(self, b'B:')}",
+                    stdin=None)  # fmt: skip
+        yield self.waitFor(lambda: len(self.registry.listeners()) == 2, 10, "beta")
+        client = self.key("kc")
+        for node in ("a", "b"):
+            for target, expected in (("shared~0", b"B:hi"), ("shared~1", b"A:hi")):
+                proc = self.onNode(node, client, "user2", "-W", f"{target}:4000", stdin=b"hi")
+                out, err, code = yield _timeout(proc.ended, 20, f"{target} via {node}")
+                self.assertEqual((out, code), (expected, 0), f"{target} via {node}: {err!r}")
+        self.assertEqual(self.hopCount("b"), 1)  # A -> B for shared~0
+        self.assertEqual(self.hopCount("a"), 1)  # B -> A for shared~1
