@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import struct
+import tempfile
 from typing import Any
 
 from twisted.conch.ssh import common, keys
@@ -839,3 +841,25 @@ class HopJumpAndOrderTests(TwoNodeMixin, unittest.TestCase):
                 self.assertEqual((out, code), (expected, 0), f"{target} via {node}: {err!r}")
         self.assertEqual(self.hopCount("b"), 1)  # A -> B for shared~0
         self.assertEqual(self.hopCount("a"), 1)  # B -> A for shared~1
+
+
+class HopUnixSocketTests(TwoNodeMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_hop_over_unix_socket(self) -> Any:
+        """Nodes on one machine may take hops on a Unix socket (still SSH, still the
+        cluster key): relay_address ``unix:path=...``; 2 MiB cross intact."""
+        sockdir = tempfile.mkdtemp(prefix="nc-hop-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, sockdir, True)
+        path = os.path.join(sockdir, "relay-b.sock")
+        port = reactor.listenUNIX(path, self.nodes["b"].factory.relay)
+        self.addCleanup(port.stopListening)
+        self.cluster.relays["b"] = f"unix:path={path}"
+        _, listener = yield self.initiatorOnB()
+        payload = os.urandom(2 << 20)
+        out, err, code = yield self.ssh(
+            self.key("client"), "client", "-W", f"{listener.connect_name}:8080", stdin=payload
+        )
+        self.assertEqual(
+            (hashlib.sha256(out).digest(), code), (hashlib.sha256(payload).digest(), 0), err
+        )
+        self.assertEqual(self.hopCount(), 1)
