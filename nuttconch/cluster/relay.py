@@ -594,6 +594,7 @@ class HopPeer(protocol.ClientFactory):
     def close(self) -> None:
         """Drop the hop connection (a graceful stop of this node)."""
         self.gone = True
+        self.pool.forget(self)
         if self.transport is not None:
             self.transport.sendDisconnect(11, b"node is stopping")
 
