@@ -394,6 +394,14 @@ SCHEMA: tuple[Setting, ...] = (
         "",
         "what other nodes dial to reach relay_listen: host:port or a Twisted client endpoint",
     ),
+    Setting(
+        "cluster",
+        "cluster_key_file",
+        _text,
+        "",
+        "the cluster's ed25519 private key, the same file on every node: hops between nodes"
+        " log in with it, and the relay port accepts no other key",
+    ),
 )
 
 

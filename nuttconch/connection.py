@@ -482,16 +482,39 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
-        target = f"{route.name}:{port}"
+        origin = (peer, self.transport.transport.getPeer().port)
+        # A listener held by another node of a cluster is reached through the hop to it.
+        hops = getattr(self.transport.factory, "hops", None)
+        opener = hops.openerFor(route) if hops is not None else route.opener
+        self.startCircuit(
+            senderChannel, windowSize, maxPacket, opener, route.name, route.bind_host, port,
+            origin, peer, route.listener_id,
+        )  # fmt: skip
+
+    def startCircuit(
+        self,
+        senderChannel: int,
+        windowSize: int,
+        maxPacket: int,
+        opener: Any,
+        name: str,
+        bindHost: str,
+        port: int,
+        origin: tuple[str, int],
+        clientPeer: str,
+        listenerId: str,
+    ) -> None:
+        """Ask ``opener`` for the far end and confirm the client's channel once it answers
+        (shared by the public port's direct-tcpip and the relay port's hop channels)."""
+        target = f"{name}:{port}"
         budget = budget_of(self)
         short = budget.refusal() if budget is not None else None
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(self.transport.factory.circuitIds), target, peer, route.listener_id)
-        origin = (peer, self.transport.transport.getPeer().port)
+        circuit = Circuit(next(self.transport.factory.circuitIds), target, clientPeer, listenerId)
         # Raises OpenRefused when the far end cannot even be asked.
-        initiatorEnd = route.opener.openForwarded(route.bind_host, port, origin)
+        initiatorEnd = opener.openForwarded(bindHost, port, origin)
         pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
         self.pendingOpens[senderChannel] = pending
         pending.start(self.config.channel_open_timeout, self.transport.clock)

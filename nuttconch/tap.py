@@ -248,6 +248,12 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     ssh = strports.service(endpoint, factory, reactor=reactor)
     ssh.setName("ssh")
     ssh.setServiceParent(top)
+    from .cluster.relay import install as install_relay
+
+    try:
+        install_relay(factory, cfg, top, reactor)
+    except ValueError as exc:
+        raise SystemExit(f"nuttconch: {exc}") from None
     install_operations(factory, cfg, top, reactor)
     log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
     return top

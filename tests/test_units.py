@@ -100,6 +100,7 @@ DEFAULT_VALUES = {
     "redis_timeout": 2.0,
     "relay_listen": "",
     "relay_address": "",
+    "cluster_key_file": "",
     "level": "info",
     "format": "text",
 }
