@@ -461,20 +461,25 @@ def _node_name(text: str) -> str:
     return value
 
 
+#: Client endpoint types whose descriptions look like host:port but are not.
+_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "tls", "ssl", "unix"})
+
+
 def _client_endpoint_or_off(text: str) -> str:
     """``host:port`` (the common case) or any Twisted client endpoint description."""
     value = text.strip()
     if not value:
         return ""
+    kind = value.split(":", 1)[0]
     host, sep, port = value.rpartition(":")
-    if sep and port.isdigit() and host and "=" not in value:
+    # "tcp:HOST:PORT" is already an endpoint: only a bare host:port gets the prefix.
+    if sep and port.isdigit() and host and "=" not in value and kind.lower() not in _ENDPOINT_KINDS:
         if not 0 < int(port) <= 65535:
             raise ValueError("expected a port from 1 to 65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if host.isalnum() or all(ch.isalnum() or ch in "-.:_" for ch in host):
             return f"tcp:{host.replace(':', chr(92) + ':')}:{int(port)}"
-    kind = value.split(":", 1)[0]
     if ":" not in value or not kind.isalnum():
         raise ValueError("expected host:port or a Twisted client endpoint such as tcp:HOST:PORT")
     return value

@@ -328,6 +328,8 @@ class HopUnitTests(unittest.TestCase):
             ("relay_listen", "tcp:2223:interface=10.0.0.2", "tcp:2223:interface=10.0.0.2"),
             ("relay_listen", "nonsense", None),
             ("relay_address", "10.0.0.2:2223", "tcp:10.0.0.2:2223"),
+            ("relay_address", "tcp:10.0.0.2:2223", "tcp:10.0.0.2:2223"),
+            ("relay_address", "tcp6:\\:\\:1:2223", "tcp6:\\:\\:1:2223"),
             ("relay_address", "[::1]:2223", "tcp:\\:\\:1:2223"),
             ("cluster_key_file", " /etc/nuttconch/cluster_key ", "/etc/nuttconch/cluster_key"),
             ("relay_address", "tcp:host=10.0.0.2:port=2223", "tcp:host=10.0.0.2:port=2223"),

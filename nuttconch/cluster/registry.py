@@ -42,6 +42,7 @@ from ..circuit import IOpener, OpenRefused
 from ..names import escape, split_index
 from ..registry import EPHEMERAL_PORTS, IRegistry, Listener, NotFound, PortInUse, Route
 from .redisclient import RedisClient, RedisUnavailable
+from .relay import IClusterRegistry
 
 log = Logger()
 
@@ -263,7 +264,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@implementer(IRegistry)
+@implementer(IClusterRegistry)
 class RedisRegistry(Service):
     """IRegistry over Redis; this node's listeners are live objects, the others' a replica."""
 
@@ -478,6 +479,33 @@ class RedisRegistry(Service):
     def local_listeners(self) -> list[Listener]:
         """This node's own listeners: what its metrics count."""
         return sorted(self._local.values(), key=lambda entry: -entry.order)
+
+    def local_listener(self, listener_id: str) -> Listener | None:
+        """This node's own live listener with that id (the hop's target), or None."""
+        listener = self._local.get(listener_id)
+        return listener if listener is not None and listener.ports else None
+
+    def relay_address(self, node: str) -> defer.Deferred[str | None]:
+        """Where ``node``'s relay listens, read from its lease (one GET, only when this
+        node dials that peer afresh): None when its lease lapsed or it has no relay.
+
+        Read from the lease rather than kept in the replica so that a node that is gone
+        is never dialled, and a node restarted with another address is dialled there.
+        """
+        d = self.redis.command("GET", self._k("node", node))
+
+        def parsed(value: Any) -> str | None:
+            if not value:
+                return None
+            _, _, info = _text(value).partition(" ")
+            try:
+                relay = json.loads(info).get("relay")
+            except (ValueError, AttributeError):
+                return None
+            return str(relay) if relay else None
+
+        d.addCallback(parsed)
+        return d
 
     # -- keys -------------------------------------------------------------------------
 

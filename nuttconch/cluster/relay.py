@@ -25,7 +25,7 @@ import dataclasses
 import hmac
 import itertools
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service, strports
@@ -303,20 +303,26 @@ class PendingHop:
 
 @implementer(IOpener)
 class RemoteOpener:
-    """Stands in for a remote listener's opener in ``startCircuit``."""
+    """Stands in for a remote listener's opener: circuits go through the hop to its node;
+    a kick goes through ``kick`` (the shared registry's log) where there is one."""
 
-    def __init__(self, pool: HopPool, node: str, listenerId: str) -> None:
+    def __init__(
+        self, pool: HopPool, node: str, listenerId: str, kick: Callable[..., bool] | None = None
+    ) -> None:
         self.pool = pool
         self.node = node
         self.listenerId = listenerId
+        self.kick = kick
 
     def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> PendingHop:
         return self.pool.open(self.node, self.listenerId, port, origin)
 
     def disconnect(self, reason: str) -> bool:
-        """Dropping an initiator on another node is that node's to do (kick from any
-        node goes through the registry, not through the hop)."""
-        return False
+        """Dropping an initiator on another node is that node's to do: the registry tells
+        it (kick from any node); the hop carries circuits only."""
+        if self.kick is None:
+            return False
+        return bool(self.kick(self.node, self.listenerId, reason))
 
 
 class HopClientConnection(SwitchboardConnection):
@@ -824,6 +830,13 @@ def install(factory: Any, cfg: Any, parent: Any, reactor: Any = None) -> HopPool
     )
     factory.hops = pool
     factory.relay = relay
+    kick = getattr(registry, "kick_remote", None)
+    if hasattr(registry, "remote_opener"):
+        # Other nodes' listeners in the replica open through the hop (and kick through
+        # the registry), so every path that takes a listener's opener crosses nodes.
+        registry.remote_opener = lambda _registry, listener: RemoteOpener(
+            pool, listener.node, listener.id, kick
+        )
     HopService(pool, relay).setServiceParent(parent)
     log.info("relay for hops from other nodes on {endpoint}", endpoint=cfg.relay_listen)
     return pool
