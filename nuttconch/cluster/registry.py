@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from ..circuit import IOpener, OpenRefused
 from ..names import escape, split_index
-from ..registry import EPHEMERAL_PORTS, IRegistry, Listener, NotFound, PortInUse, Route
+from ..registry import EPHEMERAL_PORTS, Listener, NotFound, PortInUse, Route
 from .redisclient import RedisClient, RedisUnavailable
 from .relay import IClusterRegistry
 
@@ -329,6 +329,7 @@ class RedisRegistry(Service):
         self._loops: list[task.LoopingCall] = []
         self._pause: defer.Deferred[Any] | None = None
         self._stopping = False
+        self._current = False
 
     # -- state seen by operators ------------------------------------------------------
 
@@ -356,12 +357,15 @@ class RedisRegistry(Service):
         return sorted(node for node, regs in self._remote.items() if regs)
 
     def _degrade(self, cause: str) -> None:
-        if self.healthy:
+        if self.healthy or self._current:
             log.warn("cluster: degraded: {cause}", cause=cause)
+        self._current = False
         self.cause = cause
 
     def _recover(self) -> None:
-        if self.healthy:
+        # Said once per recovery, not on every heartbeat (every lease_time / 3).
+        if self.healthy and not self._current:
+            self._current = True
             log.info(
                 "cluster: registry on Redis at {address} is current", address=self.redis.address
             )
