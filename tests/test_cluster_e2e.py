@@ -554,6 +554,7 @@ class RedisRegistryHopContractTests(unittest.TestCase):
         return wait_until(lambda: all(r.healthy for r in self.regs), 10, "join")
 
     def test_provides_icluster_registry(self) -> None:
+        """relay.install() wires the hop only for a registry that declares it."""
         self.assertTrue(relay.IClusterRegistry.providedBy(self.regs[0]))
 
     @defer.inlineCallbacks
