@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Any
 
 from twisted.conch.ssh import factory as conch_factory
@@ -215,7 +216,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                     transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
-        """A changed access= takes effect at once on the live connection."""
+        """A changed access= or key option takes effect at once on the live connection."""
         access = frozenset(entry.access - {"denied"}) if entry is not None else None
         if access is not None and access != avatar.identity.access:
             log.info(
@@ -225,6 +226,15 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 access=",".join(sorted(access)) or "none",
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
+        if entry is not None and entry.policy != avatar.identity.policy:
+            log.info(
+                "conn {conn_id}: options of {fingerprint} are now: {options}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                options="; ".join(entry.policy.describe()) or "no restrictions",
+            )
+            avatar.identity = dataclasses.replace(avatar.identity, policy=entry.policy)
+            avatar.scheduleExpiry()
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
@@ -232,10 +242,18 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key removed from authorized_keys"
         if entry.denied:
             return "key denied in authorized_keys"
-        if not authkeys.from_allows(entry, identity.peer):
+        if entry.policy_error is not None:
+            return f"authorized_keys line {entry.lineno} has an option that cannot be honoured"
+        if not authkeys.from_allows(entry, identity.peer, identity.peer_name):
             return "key no longer allowed from this address"
+        if entry.policy.expired(time.time()):
+            return "key expired"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
+        if avatar.listener is not None:
+            for port, bind_host in sorted(avatar.listener.ports.items()):
+                if entry.policy.listen_refusal(bind_host, port) is not None:
+                    return f"key's options no longer allow virtual port {port}"
         try:
             hostname, aliases = login_names(
                 self.checker.secret, identity.username, identity.key_blob, entry

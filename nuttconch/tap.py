@@ -18,6 +18,7 @@ from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+from .hostnames import VerifiedNames
 from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
@@ -123,6 +124,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         first_use=FirstUseLimiter(
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
+        names=VerifiedNames(reactor) if cfg.use_dns else None,
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")
