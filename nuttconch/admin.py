@@ -214,9 +214,7 @@ def keys(avatar: Any, args: list[str]) -> Result:
                 "options": _options_text(entry),
                 "access": sorted(entry.access),
                 "status": key_status(entry, now),
-                "restrictions": []
-                if entry.policy_error is not None
-                else entry.policy.describe(),
+                "restrictions": [] if entry.policy_error is not None else entry.policy.describe(),
                 "comment": entry.comment,
                 "connections": len(_connected(avatar.factory, entry.fingerprint)),
             }

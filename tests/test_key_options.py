@@ -48,14 +48,17 @@ POLICY_TABLE: list[tuple[str, dict[str, Any]]] = [
     ("no-port-forwarding", {"port_forwarding": False, "pty": True}),
     ("no-port-forwarding,port-forwarding", {"port_forwarding": True}),
     ("no-pty", {"pty": False, "port_forwarding": True}),
-    ("no-agent-forwarding,no-x11-forwarding,no-user-rc,tunnel=\"0\"", {"port_forwarding": True}),
+    ('no-agent-forwarding,no-x11-forwarding,no-user-rc,tunnel="0"', {"port_forwarding": True}),
     ('command="whoami"', {"command": "whoami"}),
     ('command="listeners --json"', {"command": "listeners --json"}),
     ('expiry-time="20300101Z"', {"expires": calendar.timegm((2030, 1, 1, 0, 0, 0))}),
     ('expiry-time="203001021304Z"', {"expires": calendar.timegm((2030, 1, 2, 13, 4, 0))}),
     ('expiry-time="20300102130405Z"', {"expires": calendar.timegm((2030, 1, 2, 13, 4, 5))}),
     ('permitopen="none"', {"permit_open": ()}),
-    ('permitlisten="8080",permitlisten="localhost:9090"', {"permit_listen_text": "*:8080,localhost:9090"}),
+    (
+        'permitlisten="8080",permitlisten="localhost:9090"',
+        {"permit_listen_text": "*:8080,localhost:9090"},
+    ),
     ('permitopen="gw*:22",permitopen="db~1:*"', {"permit_open_text": "gw*:22,db~1:*"}),
 ]
 
@@ -240,7 +243,8 @@ class PolicyTableTests(unittest.TestCase):
 
     def test_policy_error_line_denies_the_key(self) -> None:
         """A key with an unhonourable line is denied even if another line admits it."""
-        entries, errors = authkeys.parse_text(f'access="listen" {KEY} a\nenvironment="X=1" {KEY} b\n')
+        text = f'access="listen" {KEY} a\nenvironment="X=1" {KEY} b\n'
+        entries, errors = authkeys.parse_text(text)
         self.assertEqual(errors, [])
         found = authkeys._resolve(entries, {}, entries[0].blob)
         assert found is not None
@@ -351,7 +355,7 @@ class OptionsEndToEndTests(SwitchboardTestMixin, unittest.TestCase):
         """A client key with permitopen reaches only the names and ports it lists."""
         yield self.startInitiator()
         name = self.registry.listeners()[0].connect_name
-        ok = self.key("ok", options=f'access="listen",permitopen="gw-*:6100"')
+        ok = self.key("ok", options='access="listen",permitopen="gw-*:6100"')
         wrongport = self.key("wp", options='access="listen",permitopen="gw-*:22"')
         other = self.key("other", options='access="listen",permitopen="db*:*"')
         client = self.spawn(ok, "c", "-W", f"{name}:6100", stdin=None)
