@@ -485,6 +485,32 @@ class HostnameEndToEndTests(SwitchboardTestMixin, unittest.TestCase):
                 self.assertIn(b"this key is not allowed from 127.0.0.1", err, options)
 
     @defer.inlineCallbacks
+    def test_hostname_pattern_added_while_connected(self) -> Any:
+        """A from= hostname pattern added to a connected key's line is judged on the
+        looked-up name: localhost keeps the connection, *.example drops it."""
+        key = self.key("live", options='access="listen"')
+        proc = self.spawn(key, "live", "-N", stdin=None)
+        yield self.waitFor(lambda: len(self.factory.avatars) == 1, what="the login")
+        avatar = next(iter(self.factory.avatars))
+        self.rewrite('access="listen"', 'access="listen",from="localhost"')
+        yield self.waitFor(lambda: avatar.info.names_checked, what="the name lookup")
+        yield self.waitFor(
+            lambda: avatar.identity.peer_name == "localhost", what="the verified name"
+        )
+        self.assertIsNone(proc.code)
+        self.rewrite('from="localhost"', 'from="*.example"')
+        out, err, code = yield defer.Deferred.addTimeout(proc.ended, 15, reactor)
+        self.assertIn(b"key no longer allowed from this address", err)
+
+    def rewrite(self, old: str, new: str) -> None:
+        with open(self.akfile) as handle:
+            text = handle.read()
+        with open(self.akfile + ".new", "w") as handle:
+            handle.write(text.replace(old, new))
+        os.replace(self.akfile + ".new", self.akfile)
+        self.factory.checkKeys()
+
+    @defer.inlineCallbacks
     def test_use_dns_off(self) -> Any:
         """With use_dns = false, hostname patterns match nothing (addresses still do)."""
         yield self.stopServer()
