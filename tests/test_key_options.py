@@ -485,6 +485,23 @@ class HostnameEndToEndTests(SwitchboardTestMixin, unittest.TestCase):
                 self.assertIn(b"this key is not allowed from 127.0.0.1", err, options)
 
     @defer.inlineCallbacks
+    def test_lookups_only_for_hostname_patterns(self) -> Any:
+        """Keys without a hostname pattern never cost a lookup; a name is looked up once
+        and then served from the cache."""
+        names = self.factory.checker.names
+        plain = self.key("plain", options='access="listen"')
+        addr = self.key("addr", options='access="listen",from="127.0.0.0/8,127.0.0.*"')
+        named = self.key("named", options='access="listen",from="localhost"')
+        for key in (plain, addr):
+            out, err, code = yield self.ssh(key, "p", command=("whoami",))
+            self.assertEqual(code, 0, err)
+        self.assertEqual(names.lookups, 0)
+        for _ in range(2):
+            out, err, code = yield self.ssh(named, "n", command=("whoami",))
+            self.assertEqual(code, 0, err)
+        self.assertEqual(names.lookups, 1)
+
+    @defer.inlineCallbacks
     def test_hostname_pattern_added_while_connected(self) -> Any:
         """A from= hostname pattern added to a connected key's line is judged on the
         looked-up name: localhost keeps the connection, *.example drops it."""
