@@ -21,8 +21,9 @@ from typing import Any
 from twisted.logger import Logger
 
 from . import authkeys, metrics, policy
-from .commands import Result
-from .names import escape, split_index
+from .names import escape
+from .registry import NotFound
+from .result import Result
 
 log = Logger()
 
@@ -260,14 +261,11 @@ def keys(avatar: Any, args: list[str]) -> Result:
 def kick(avatar: Any, args: list[str]) -> Result:
     if len(args) != 1:
         return _usage("kick NAME   (a connect name or alias; name~N as in routing)")
-    name, index = split_index(args[0].lower())
-    holders = [x for x in avatar.factory.registry.listeners() if name in x.aliases]
-    if index >= len(holders):
+    try:
+        listener = avatar.factory.registry.find(args[0])
+    except NotFound:
         return Result(1, err=f"kick: no such listener: {escape(args[0])}\n")
-    listener = holders[index]
-    target = listener.opener
-    conn = getattr(target, "conn", None)
-    if conn is None or conn.transport is None:
+    if not listener.opener.disconnect("kicked by an administrator"):
         return Result(1, err=f"kick: {escape(args[0])} is already leaving\n")
     log.info(
         "admin {admin} kicked {name} from {peer} (key {fingerprint})",
@@ -276,7 +274,6 @@ def kick(avatar: Any, args: list[str]) -> Result:
         peer=listener.peer,
         fingerprint=listener.fingerprint,
     )
-    conn.transport.sendDisconnect(DISCONNECT_BY_APPLICATION, b"kicked by an administrator")
     return Result(0, f"kicked {escape(listener.connect_name)} ({escape(listener.peer)})\n")
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_units,tests.test_auth_security -*-
 """Public-key authentication from authorized_keys, with per-key options.
 
 The checker decides everything about a key at probe time (before the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.conch import error as conch_error
@@ -70,6 +70,8 @@ class Identity:
     policy: KeyPolicy = UNRESTRICTED
     #: The client's forward-confirmed host name, if a from= hostname pattern asked.
     peer_name: str | None = None
+    # Admitted by a line from authorized_keys_command, not from the file.
+    external: bool = False
 
     @property
     def connect_name(self) -> str:
@@ -183,7 +185,9 @@ class AuthorizedKeysChecker:
         first_use: FirstUseLimiter | None = None,
         names: Any = None,
         clock: Callable[[], float] = time.time,
+        key_command: Any = None,
     ) -> None:
+        self.key_command = key_command
         self.keys_file = keys_file
         #: hostnames.VerifiedNames for from= hostname patterns, or None (use_dns off).
         self.names = names
@@ -231,6 +235,7 @@ class AuthorizedKeysChecker:
         username: str,
         key: keys.Key,
         entry: authkeys.AuthorizedKey | None,
+        external: bool = False,
     ) -> Any:
         """Look the client's host name up first if, and only if, this key's from= needs it."""
         if (
@@ -239,11 +244,11 @@ class AuthorizedKeysChecker:
             or entry is None
             or not authkeys.wants_hostname(entry)
         ):
-            return self._decide(credentials, info, username, key, entry)
+            return self._decide(credentials, info, username, key, entry, external)
 
         def named(name: str | None) -> Any:
             info.peer_name, info.names_checked = name, True
-            return self._decide(credentials, info, username, key, entry)
+            return self._decide(credentials, info, username, key, entry, external)
 
         return self.names.lookup(info.peer).addCallback(named)
 
@@ -295,7 +300,10 @@ class AuthorizedKeysChecker:
         username: str,
         key: keys.Key,
         entry: authkeys.AuthorizedKey | None,
+        external: bool = False,
     ) -> Any:
+        if self.enable_auth and entry is None and self.key_command and not external:
+            return self._ask_command(credentials, info, username, key)
         if self.enable_auth:
             if entry is not None:
                 self._enforce(entry, info, self.clock())
@@ -319,7 +327,32 @@ class AuthorizedKeysChecker:
         if entry is None:
             self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
-        return self._identity(username, key, entry, entry.access - {"denied"}, info)
+        identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+        return replace(identity, external=True) if external else identity
+
+    def _ask_command(
+        self, credentials: Any, info: ConnectionInfo, username: str, key: keys.Key
+    ) -> Any:
+        """authorized_keys has no line for this key: authorized_keys_command's line (or
+        none) is decided like a file's; a command that fails refuses the login."""
+        from .keycommand import KeyCommandError
+
+        d = self.key_command.lookup(
+            username, key.sshType().decode("ascii"), key.blob(), info.conn_id
+        )
+
+        def failed(reason: Failure) -> None:
+            reason.trap(KeyCommandError)
+            raise Refused(
+                "the server could not look up your key; try again later",
+                reason="authorized_keys_command failed",
+            )
+
+        d.addCallbacks(
+            lambda found: self._withNames(credentials, info, username, key, found, external=True),
+            failed,
+        )
+        return d
 
     def _first_use_allowed(self, info: ConnectionInfo) -> None:
         why = self.first_use.refusal(info.peer, self.keys_file.first_use_count)

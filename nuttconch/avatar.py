@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .auth import ConnectionInfo, Identity
-from .connection import OpenRefused
+from .circuit import IOpener, IPendingEnd, OpenRefused
 from .limits import TokenBucket
 from .names import escape
 from .registry import IRegistry, Listener, PortInUse
@@ -40,6 +40,7 @@ MISS_BURST = 10
 MISS_RATE = 0.2
 
 
+@implementer(IOpener)
 class SwitchboardAvatar(ConchUser):
     """An authenticated key: global requests, sessions, and its registry entry."""
 
@@ -100,12 +101,6 @@ class SwitchboardAvatar(ConchUser):
             self._refuseForward(why)
             return 0
         listener = self._ensureListener()
-        if port != 0 and port in listener.ports:
-            self._refuseForward(f"port {port} is already forwarded on this connection")
-            return 0
-        if len(listener.ports) >= self.config.max_forwards:
-            self._refuseForward(f"more than {self.config.max_forwards} forwards")
-            return 0
         wanted = port
         if port == 0:
             # ``-R 0`` allocates only inside permitlisten: the first allowed port free here.
@@ -117,7 +112,9 @@ class SwitchboardAvatar(ConchUser):
                     return 0
                 wanted = free[0]
         try:
-            allocated = self.registry.add_port(listener, host, wanted)
+            allocated = self.registry.add_port(
+                listener, host, wanted, limit=self.config.max_forwards
+            )
         except PortInUse as exc:
             self._refuseForward(str(exc))
             return 0
@@ -179,10 +176,20 @@ class SwitchboardAvatar(ConchUser):
             )
         return self.listener
 
-    def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> Any:
+    def openForwarded(self, bindHost: str, port: int, origin: tuple[str, int]) -> IPendingEnd:
         if self.loggedOut:
             raise OpenRefused(2, "initiator is gone")
-        return self.conn.openForwarded(bindHost, port, origin)
+        end: IPendingEnd = self.conn.openForwarded(bindHost, port, origin)
+        return end
+
+    def disconnect(self, reason: str) -> bool:
+        """Drop this connection (an administrator's kick); False if it is already going."""
+        conn = getattr(self, "conn", None)
+        transport = conn.transport if conn is not None else None
+        if transport is None or self.loggedOut:
+            return False
+        transport.sendDisconnect(11, reason.encode("ascii", "replace"))  # BY_APPLICATION
+        return True
 
     def circuitMissed(self) -> None:
         """A circuit open named no listener: guessing generated aliases must cost time.

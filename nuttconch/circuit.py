@@ -18,6 +18,7 @@ from typing import Any
 from twisted.conch.ssh import channel
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from .budget import budget_of
 from .logs import conch_logger
@@ -25,6 +26,89 @@ from .logs import conch_logger
 log = Logger()
 
 
+class OpenRefused(Exception):
+    """A channel open we refuse; ``code`` is the SSH reason code.
+
+    It belongs to the opener contract below: an opener raises it (or fails a
+    pending end's ``opened`` with it) and the client is told ``message``.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ICircuitEnd(Interface):
+    """One end of a circuit, as the other end sees it.
+
+    The splice only ever talks to its peer through these methods, so an end
+    need not be a Conch channel: a hop to another node is a second kind of
+    end.  Flow control is by consumption: an end grants its own sender more
+    window only for bytes its peer has passed on (``queued`` tells how many
+    it still holds), and the peer calls ``passedOn`` when that number falls.
+    """
+
+    peer = Attribute("The other ICircuitEnd once the circuit is linked, else None.")
+    circuit = Attribute("The Circuit this end belongs to, once linked.")
+    bytesIn = Attribute("Bytes this end has received from its own far side.")
+
+    def write(data: bytes) -> None:
+        """Pass ``data`` on toward this end's far side; queue what cannot go yet."""
+
+    def writeEOF() -> None:
+        """No more data will come: send EOF once everything queued has gone."""
+
+    def loseConnection() -> None:
+        """Close once everything queued has gone (a pending EOF first)."""
+
+    def abort() -> None:
+        """Close at once, dropping whatever is queued."""
+
+    def queued() -> int:
+        """Bytes accepted by ``write`` and not yet passed on."""
+
+    def passedOn() -> None:
+        """The peer's queue shrank: re-open window for the bytes it passed on."""
+
+    def isClosed() -> bool:
+        """Whether this end has closed (its writes are dropped from then on)."""
+
+    def pauseProducing() -> None:
+        """Stop granting this end's sender window (reading stops when it runs out)."""
+
+    def resumeProducing() -> None:
+        """Grant window again for what has been passed on meanwhile."""
+
+
+class IPendingEnd(Interface):
+    """A far end being opened: the answer may come late, or never."""
+
+    opened = Attribute(
+        "Deferred that fires with the open ICircuitEnd, or fails (OpenRefused, or the"
+        " far side's own refusal) if it could not be opened."
+    )
+
+    def abandon() -> None:
+        """Nobody waits any longer: close the end if it opens after all."""
+
+
+class IOpener(Interface):
+    """Whatever holds a listener's ports and opens circuit ends toward it.
+
+    Today the initiator's avatar (a ``forwarded-tcpip`` channel on its own
+    connection); in a cluster, a hop to the node that holds the listener.
+    """
+
+    def openForwarded(bindHost: str, port: int, origin: tuple[str, int]) -> IPendingEnd:
+        """Start opening a far end for ``bindHost:port`` on behalf of ``origin``
+        (the client's address and port), or raise OpenRefused at once."""
+
+    def disconnect(reason: str) -> bool:
+        """Drop the listener's connection; False if it was already leaving."""
+
+
+@implementer(ICircuitEnd)
 class CircuitEnd(channel.SSHChannel):
     """One side of a circuit; ``peer`` is the other side once both are open."""
 
@@ -35,8 +119,9 @@ class CircuitEnd(channel.SSHChannel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.peer: CircuitEnd | None = None
+        self.peer: ICircuitEnd | None = None
         self.held = 0
+        self.paused = False
         self.eofPending = False
         self.bytesIn = 0
         self.circuit: Circuit | None = None
@@ -53,7 +138,7 @@ class CircuitEnd(channel.SSHChannel):
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
         peer = self.peer
-        if peer is None or peer.localClosed:
+        if peer is None or peer.isClosed():
             return
         self.held += len(data)
         try:
@@ -71,11 +156,45 @@ class CircuitEnd(channel.SSHChannel):
 
     def circuitFailed(self) -> None:
         """Close both ends at once, dropping whatever either still queues."""
-        for end in (self.peer, self):
-            if end is not None and end.conn is not None and not end.localClosed:
-                end.buf = bytearray()
-                end.eofPending = False
-                end.conn.sendClose(end)
+        peer = self.peer
+        if peer is not None:
+            peer.abort()
+        self.abort()
+
+    # the ICircuitEnd contract, as the peer uses it
+
+    def abort(self) -> None:
+        if self.conn is not None and not self.localClosed:
+            self.buf = bytearray()
+            self.eofPending = False
+            self.conn.sendClose(self)
+
+    def queued(self) -> int:
+        return len(self.buf)
+
+    def passedOn(self) -> None:
+        if not self.localClosed:
+            self.grant()
+
+    def isClosed(self) -> bool:
+        return bool(self.localClosed)
+
+    def writeEOF(self) -> None:
+        if self.localClosed:
+            return
+        if self.buf:
+            self.eofPending = True
+        else:
+            self.conn.sendEOF(self)
+
+    def pauseProducing(self) -> None:
+        """Withhold window: the sender stops once what it was granted is used up."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if not self.localClosed:
+            self.grant()
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         """Extended data has no meaning on a TCP circuit: it is dropped, and its window
@@ -88,8 +207,10 @@ class CircuitEnd(channel.SSHChannel):
 
     def grant(self) -> None:
         """Re-open the window for bytes the peer has passed on."""
+        if self.paused:
+            return
         peer = self.peer
-        queued = len(peer.buf) if peer is not None else 0
+        queued = peer.queued() if peer is not None else 0
         grantable = self.held - queued
         # As OpenSSH does: adjust once three packets' worth (or half a small window) has
         # moved on, not only after half the window, so a long link's sender is not left
@@ -172,8 +293,8 @@ class CircuitEnd(channel.SSHChannel):
             self.eofPending = False
             self.conn.sendEOF(self)
         peer = self.peer
-        if peer is not None and not peer.localClosed:
-            peer.grant()
+        if peer is not None:
+            peer.passedOn()
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -181,12 +302,8 @@ class CircuitEnd(channel.SSHChannel):
 
     def eofReceived(self) -> None:
         peer = self.peer
-        if peer is None or peer.localClosed:
-            return
-        if peer.buf:
-            peer.eofPending = True
-        else:
-            peer.conn.sendEOF(peer)
+        if peer is not None:
+            peer.writeEOF()
 
     def closeReceived(self) -> None:
         """The remote end is gone: nothing more can be sent to it, so close at once."""
@@ -195,7 +312,7 @@ class CircuitEnd(channel.SSHChannel):
         if self.conn is not None:
             self.conn.sendClose(self)
         peer = self.peer
-        if peer is not None and not peer.localClosed:
+        if peer is not None and not peer.isClosed():
             peer.loseConnection()
 
     def loseConnection(self) -> None:
@@ -213,7 +330,7 @@ class CircuitEnd(channel.SSHChannel):
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
-            if not peer.localClosed:
+            if not peer.isClosed():
                 peer.loseConnection()
         if self.circuit is not None:
             self.circuit.endClosed(self)
@@ -229,6 +346,7 @@ class ClientEnd(CircuitEnd):
             self.budget.close(self)
 
 
+@implementer(IPendingEnd)
 class InitiatorEnd(CircuitEnd):
     """The ``forwarded-tcpip`` channel the server opens toward the initiator."""
 
@@ -252,6 +370,9 @@ class InitiatorEnd(CircuitEnd):
         if not self.abandoned:
             self.opened.errback(reason)
 
+    def abandon(self) -> None:
+        self.abandoned = True
+
     def refuse(self, reason: Exception) -> None:
         """The initiator confirmed, but on terms we refuse: fail the waiting client's
         open as if the initiator had refused (the caller closes this channel)."""
@@ -262,17 +383,21 @@ class InitiatorEnd(CircuitEnd):
 class Circuit:
     """Bookkeeping for one spliced pair: ids, bytes and lifetime for logs and status."""
 
-    def __init__(self, circuit_id: int, target: str, client_peer: str) -> None:
+    def __init__(
+        self, circuit_id: int, target: str, client_peer: str, listener_id: str = ""
+    ) -> None:
         self.id = circuit_id
         self.target = target
+        # The registry's id of the listener this circuit reaches (see registry.Route).
+        self.listener_id = listener_id
         self.client_peer = client_peer
         self.started = time.monotonic()
-        self.client: ClientEnd | None = None
-        self.initiator: InitiatorEnd | None = None
+        self.client: ICircuitEnd | None = None
+        self.initiator: ICircuitEnd | None = None
         self.onClose: list[Any] = []
         self._done = False
 
-    def link(self, client: ClientEnd, initiator: InitiatorEnd) -> None:
+    def link(self, client: ICircuitEnd, initiator: ICircuitEnd) -> None:
         self.client, self.initiator = client, initiator
         client.peer, initiator.peer = initiator, client
         client.circuit = initiator.circuit = self
@@ -290,11 +415,11 @@ class Circuit:
     def duration(self) -> float:
         return time.monotonic() - self.started
 
-    def endClosed(self, end: CircuitEnd) -> None:
+    def endClosed(self, end: ICircuitEnd) -> None:
         if self._done:
             return
         if self.client is not None and self.initiator is not None:
-            if not (self.client.localClosed and self.initiator.localClosed):
+            if not (self.client.isClosed() and self.initiator.isClosed()):
                 return
         self._done = True
         log.info(

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_commands -*-
+# -*- test-case-name: tests.test_units,tests.test_admin -*-
 """Commands for ``ssh host CMD`` and the admin shell, as pure functions returning text.
 
 Keeping them free of SSH plumbing means exec and the shell share one
@@ -12,16 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import admin
 from .names import escape
+from .result import Result as Result  # re-exported: callers read commands.Result
 
 MAX_COMMAND = 1024
-
-
-@dataclass
-class Result:
-    code: int
-    out: str = ""
-    err: str = ""
 
 
 def connect_command(server: str, listen_port: int, name: str, port: int) -> str:
@@ -146,7 +141,7 @@ def _listeners_cmd(avatar: Any, args: list[str]) -> Result:
 
 
 def _admin(name: str) -> Callable[[Any, list[str]], Result]:
-    """Late-bound, so that admin (which imports this module) may be imported first."""
+    """Looked up at call time, so a test may replace one admin command."""
 
     def run_it(avatar: Any, args: list[str]) -> Result:
         return getattr(admin, name)(avatar, args)
@@ -193,6 +188,3 @@ def run(avatar: Any, line: str | bytes) -> Result:
         needs = " or ".join(f"access={n}" for n in sorted(command.needs))
         return Result(1, err=f"Permission denied: this key may not run {argv[0]} (needs {needs})\n")
     return command.handler(avatar, argv[1:])
-
-
-from . import admin  # noqa: E402  (admin imports Result from this module)

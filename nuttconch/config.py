@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_units,tests.test_config_fuzz -*-
 """nuttssh.ini: the original Nuttssh keys plus nuttconch's own, all validated at start.
 
 Every key is declared once in ``SCHEMA`` with its type and default, so that
@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .algorithms import parse_algorithms
 
 ENV_VAR = "NUTTSSH_CONFIG_FILE"
 DEFAULT_PATH = "nuttssh.ini"
@@ -109,11 +111,10 @@ def _algorithms(text: str) -> tuple[str, ...]:
 
 
 def _algorithm_names(kind: str) -> Callable[[str], tuple[bytes, ...]]:
-    """An OpenSSH-style list (``+``/``-``/``^`` modifiers), checked against crypto.py."""
+    """An OpenSSH-style list (``+``/``-``/``^`` modifiers), checked against the names
+    in algorithms.py (not the crypto module: parsing a config needs no cipher code)."""
 
     def parse(text: str) -> tuple[bytes, ...]:
-        from .crypto import parse_algorithms
-
         return parse_algorithms(kind, text)
 
     return parse
@@ -126,6 +127,8 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     doc: str
+    # Read without %(name)s interpolation: the value has its own % tokens.
+    raw: bool = False
 
 
 SCHEMA: tuple[Setting, ...] = (
@@ -167,7 +170,11 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting("keys", "host_key_dir", _text, "keys", "directory for host keys and secrets"),
     Setting(
-        "keys", "host_key_ecdsa", _text, "%(host_key_dir)s/ssh_host_ecdsa_key", "ECDSA host key"
+        "keys",
+        "host_key_ecdsa",
+        _text,
+        "%(host_key_dir)s/ssh_host_ecdsa_key",
+        "ECDSA host key, offered if it exists (never generated)",
     ),
     Setting(
         "keys",
@@ -183,6 +190,36 @@ SCHEMA: tuple[Setting, ...] = (
         _text,
         "%(host_key_dir)s/authorized_keys",
         "authorized_keys in OpenSSH format",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command",
+        lambda text: _key_command(text),
+        "",
+        "program (absolute path) run for keys authorized_keys lacks, with arguments;"
+        " tokens %u %t %f %k; prints authorized_keys lines (empty: off)",
+        raw=True,
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_timeout",
+        lambda text: _positive_seconds(text),
+        "5",
+        "authorized_keys_command is killed and the login refused after this time",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_max_output",
+        _int_range(1024, 16 * 1024 * 1024),
+        "65536",
+        "bytes authorized_keys_command may print; past it it is killed and the login refused",
+    ),
+    Setting(
+        "keys",
+        "authorized_keys_command_cache",
+        _seconds,
+        "60",
+        "how long an answer of authorized_keys_command is reused for the same key (0: never)",
     ),
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
@@ -261,16 +298,17 @@ SCHEMA: tuple[Setting, ...] = (
         "server",
         "macs",
         _algorithm_names("macs"),
-        "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512",
-        "MACs for the CTR ciphers, best first (OpenSSH MACs syntax)",
+        "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com",
+        "MACs for the CTR ciphers, best first (OpenSSH MACs syntax;"
+        " +hmac-sha2-256,hmac-sha2-512 adds encrypt-and-MAC)",
     ),
     Setting(
         "server",
         "kex_algorithms",
         _algorithm_names("kex_algorithms"),
-        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,"
-        "ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521",
-        "key exchange algorithms, best first (OpenSSH KexAlgorithms syntax)",
+        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org",
+        "key exchange algorithms, best first (OpenSSH KexAlgorithms syntax;"
+        " +ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521 adds NIST ECDH)",
     ),
     Setting(
         "server",
@@ -320,6 +358,19 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("events", "retries", _int_range(0, 100), "5", "webhook retries, backing off"),
     Setting("events", "backoff", _seconds, "1", "first retry delay, doubling up to 5 minutes"),
 )
+
+
+def _key_command(text: str) -> tuple[str, ...]:
+    from .keycommand import parse_command
+
+    return parse_command(text)
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("expected a time above 0, such as 5 or 30s")
+    return value
 
 
 def _endpoint_or_off(text: str) -> str:
@@ -424,7 +475,7 @@ def load(path: str | None = None, *, required: bool = False) -> Config:
     values: dict[str, Any] = {}
     for s in SCHEMA:
         try:
-            raw = parser.get(s.section, s.key)
+            raw = parser.get(s.section, s.key, raw=s.raw)
         except configparser.Error as exc:
             raise ConfigError(f"{resolved}: [{s.section}] {s.key}: {exc.message}") from None
         try:

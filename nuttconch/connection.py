@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_circuits -*-
+# -*- test-case-name: tests.test_circuit,tests.test_channel_security -*-
 """The ssh-connection service: channel-open policy, circuits, flow control, keepalive.
 
 Conch confirms a channel open synchronously and refills windows on its
@@ -11,7 +11,6 @@ do the guards against channel ids and messages that a peer invents.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .budget import budget_of
-from .circuit import Circuit, ClientEnd, InitiatorEnd
+from .circuit import Circuit, ClientEnd, ICircuitEnd, InitiatorEnd, IPendingEnd, OpenRefused
 from .logs import conch_logger
 from .names import escape
 from .registry import NotFound
@@ -38,7 +37,6 @@ OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_UNKNOWN_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 
-_circuit_ids = itertools.count(1)
 _unpack_2L = struct.Struct(">2L").unpack_from
 _unpack_L = struct.Struct(">L").unpack_from
 _MAX_WINDOW = 0xFFFFFFFF
@@ -89,15 +87,6 @@ def peer_text(value: bytes | str) -> str:
     if len(value) > PEER_TEXT_MAX or len(text) > PEER_TEXT_MAX:
         return text[:PEER_TEXT_MAX] + "..."
     return text
-
-
-class OpenRefused(Exception):
-    """A channel open we refuse; ``code`` is the SSH reason code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class SwitchboardConnection(connection.SSHConnection):
@@ -494,7 +483,7 @@ class SwitchboardConnection(connection.SSHConnection):
             raise OpenRefused(OPEN_PROHIBITED, escape(why))
         registry = self.transport.factory.registry
         try:
-            listener, bindHost = registry.resolve(host, port)
+            route = registry.resolve(host, port)
         except NotFound as exc:
             log.info(
                 "conn {conn_id}: circuit to {target}:{port} refused: {reason}",
@@ -506,18 +495,16 @@ class SwitchboardConnection(connection.SSHConnection):
             self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "no_such_name", str(exc))
             avatar.circuitMissed()
             raise OpenRefused(OPEN_CONNECT_FAILED, str(exc)) from None
-        target = f"{listener.connect_name}:{port}"
+        target = f"{route.name}:{port}"
         budget = budget_of(self)
         short = budget.refusal() if budget is not None else None
         if short is not None:
             self.transport.factory.circuitFailed(target, "refused", short)
             raise OpenRefused(OPEN_RESOURCE_SHORTAGE, short)
-        circuit = Circuit(next(_circuit_ids), target, peer)
+        circuit = Circuit(next(self.transport.factory.circuitIds), target, peer, route.listener_id)
         origin = (peer, self.transport.transport.getPeer().port)
-        try:
-            initiatorEnd = listener.opener.openForwarded(bindHost, port, origin)
-        except OpenRefused:
-            raise
+        # Raises OpenRefused when the far end cannot even be asked.
+        initiatorEnd = route.opener.openForwarded(route.bind_host, port, origin)
         pending = PendingOpen(self, senderChannel, windowSize, maxPacket, circuit, initiatorEnd)
         self.pendingOpens[senderChannel] = pending
         pending.start(self.config.channel_open_timeout, self.transport.clock)
@@ -538,7 +525,7 @@ class SwitchboardConnection(connection.SSHConnection):
         self.touch()
         return end
 
-    def completeOpen(self, pending: PendingOpen, initiatorEnd: InitiatorEnd) -> None:
+    def completeOpen(self, pending: PendingOpen, initiatorEnd: ICircuitEnd) -> None:
         """The initiator accepted: register and confirm the client's channel, then splice."""
         del self.pendingOpens[pending.senderChannel]
         client = ClientEnd(
@@ -602,7 +589,7 @@ class PendingOpen:
         windowSize: int,
         maxPacket: int,
         circuit: Circuit,
-        initiatorEnd: InitiatorEnd,
+        initiatorEnd: IPendingEnd,
     ) -> None:
         self.conn = conn
         self.senderChannel = senderChannel
@@ -623,7 +610,7 @@ class PendingOpen:
             self.timer.cancel()
         self.timer = None
 
-    def _accepted(self, end: InitiatorEnd) -> None:
+    def _accepted(self, end: ICircuitEnd) -> None:
         self._stopTimer()
         if self.conn.stopped:
             end.loseConnection()
@@ -643,10 +630,10 @@ class PendingOpen:
 
     def _timedOut(self) -> None:
         self.timer = None
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()
         self.conn.failOpen(self, "initiator did not answer in time", "timeout")
 
     def cancel(self) -> None:
         """The client connection is going away: drop the initiator side when it answers."""
         self._stopTimer()
-        self.initiatorEnd.abandoned = True
+        self.initiatorEnd.abandon()

@@ -111,60 +111,16 @@ MACS: dict[bytes, MacSpec] = {
 }
 _NONE_CIPHER = CipherSpec("none", 0, 0, 8)
 
-# OpenSSH 9's default preference order, restricted to what we implement.
-DEFAULT_CIPHERS: tuple[bytes, ...] = tuple(CIPHERS)
-DEFAULT_MACS: tuple[bytes, ...] = tuple(MACS)
-KNOWN_KEX: tuple[bytes, ...] = (
-    b"mlkem768x25519-sha256",
-    b"curve25519-sha256",
-    b"curve25519-sha256@libssh.org",
-    b"ecdh-sha2-nistp256",
-    b"ecdh-sha2-nistp384",
-    b"ecdh-sha2-nistp521",
+# The names, defaults and list parsing live in algorithms.py (config.py uses them
+# without importing this module); CIPHERS and MACS implement exactly those names.
+from .algorithms import (  # noqa: E402  (re-exported for transport.py and tests)
+    DEFAULT_CIPHERS as DEFAULT_CIPHERS,
 )
-
-
-def available_kex() -> tuple[bytes, ...]:
-    """KNOWN_KEX restricted to what this Conch/cryptography build can do."""
-    from twisted.conch.ssh import _kex
-
-    supported = set(_kex.getSupportedKeyExchanges())
-    return tuple(k for k in KNOWN_KEX if k in supported)
-
-
-def parse_algorithms(kind: str, text: str) -> tuple[bytes, ...]:
-    """An OpenSSH-style list: ``a,b``; ``+a`` appends to, ``-a`` removes from and
-    ``^a`` prepends to the default.  Unknown names raise ValueError."""
-    known, default = {
-        "ciphers": (tuple(CIPHERS), DEFAULT_CIPHERS),
-        "macs": (tuple(MACS), DEFAULT_MACS),
-        "kex_algorithms": (KNOWN_KEX, KNOWN_KEX),
-    }[kind]
-    text = text.strip()
-    op = text[:1] if text[:1] in "+-^" else ""
-    names = [n.strip().encode("ascii", "replace") for n in text[len(op) :].split(",")]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError("expected a comma-separated list of algorithm names")
-    unknown = [n.decode() for n in names if n not in known]
-    if unknown:
-        raise ValueError(
-            f"unsupported: {', '.join(unknown)} (supported: {', '.join(k.decode() for k in known)})"
-        )
-    if op == "+":
-        result = list(default) + [n for n in names if n not in default]
-    elif op == "-":
-        result = [n for n in default if n not in names]
-    elif op == "^":
-        result = names + [n for n in default if n not in names]
-    else:
-        result = list(dict.fromkeys(names))
-    if kind == "kex_algorithms":
-        usable = set(available_kex())
-        result = [n for n in result if n in usable]
-    if not result:
-        raise ValueError("no usable algorithm left")
-    return tuple(result)
+from .algorithms import DEFAULT_KEX as DEFAULT_KEX  # noqa: E402
+from .algorithms import DEFAULT_MACS as DEFAULT_MACS  # noqa: E402
+from .algorithms import KNOWN_KEX as KNOWN_KEX  # noqa: E402
+from .algorithms import available_kex as available_kex  # noqa: E402
+from .algorithms import parse_algorithms as parse_algorithms  # noqa: E402
 
 
 class PacketError(Exception):

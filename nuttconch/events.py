@@ -18,8 +18,33 @@ from twisted.logger import Logger
 from .names import escape
 
 log = Logger()
+# The namespace the factory's "event observer failed" line always had.
+busLog = Logger(namespace="nuttconch.server")
 # Released ports named in one "initiator down" line; the rest are counted.
 MAX_PORTS_LISTED = 64
+
+
+class EventBus:
+    """Server events, for whoever subscribed: metrics, webhooks, log lines, tests.
+
+    Made once by the composition (tap.py) and handed to the factory and to each
+    subscriber, so that no subscriber needs the factory to hear of events. An
+    observer is ``f(event: str, fields: dict)``; a failing one is logged and never
+    reaches the protocol code that emitted the event.
+    """
+
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+
+    def subscribe(self, observer: Any) -> None:
+        self.observers.append(observer)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(event, fields)
+            except Exception:
+                busLog.failure("event observer failed on {event}", event=event)
 
 
 class EventLog:
@@ -77,7 +102,8 @@ def _port_list(ports: list[int], more: int) -> str:
     return text
 
 
-def attach(factory: Any) -> EventLog:
+def attach(bus: Any) -> EventLog:
+    """Log lines for ``bus``'s events (an EventBus, or anything with ``observers``)."""
     observer = EventLog()
-    factory.observers.append(observer)
+    bus.observers.append(observer)
     return observer

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostkeys -*-
+# -*- test-case-name: tests.test_units,tests.test_surface_security -*-
 """Host keys and the alias secret: generated once, then reused forever.
 
 Clients pin the host key in known_hosts and initiators print their alias
@@ -26,6 +26,10 @@ log = Logger()
 
 RSA_BITS = 3072
 SECRET_NAME = "alias_secret"
+# Kinds generated when missing.  ECDSA is not among them: its NIST curve fails audits
+# (ssh-audit), but an installation moved over from Nuttssh, which generated one, keeps
+# offering it, since its users' known_hosts pin that key.
+GENERATED_KINDS = frozenset({"ed25519", "rsa"})
 
 
 class HostKeyError(Exception):
@@ -106,10 +110,23 @@ def _ensure_dir(path: str) -> None:
 
 def load_or_create(path: str, kind: str) -> Key:
     """Return the private key at ``path``, generating it (and ``.pub``) if missing."""
+    key = load_existing(path)
+    if key is not None:
+        return key
+    _ensure_dir(path)
+    key = _generate(kind)
+    _write_new(path, key.toString("openssh", subtype="v1"), 0o600)
+    _write_pub(path, key)
+    log.info("generated {kind} host key {path}", kind=kind, path=path)
+    return key
+
+
+def load_existing(path: str) -> Key | None:
+    """The private key at ``path``, or None if there is no file; HostKeyError if unusable."""
     try:
         key = Key.fromFile(path)
     except FileNotFoundError:
-        pass
+        return None
     except (BadKeyError, ValueError, OSError, struct.error, IndexError) as exc:
         # struct.error: a truncated key (e.g. left by an older version's crash mid-write).
         raise HostKeyError(f"{path}: cannot load host key: {exc}") from None
@@ -120,12 +137,6 @@ def load_or_create(path: str, kind: str) -> Key:
         if not os.path.exists(path + ".pub"):
             _write_pub(path, key)
         return key
-    _ensure_dir(path)
-    key = _generate(kind)
-    _write_new(path, key.toString("openssh", subtype="v1"), 0o600)
-    _write_pub(path, key)
-    log.info("generated {kind} host key {path}", kind=kind, path=path)
-    return key
 
 
 def _write_pub(path: str, key: Key) -> None:
@@ -141,15 +152,30 @@ def _write_pub(path: str, key: Key) -> None:
         log.warn("cannot write {path}: {error}", path=path + ".pub", error=str(exc))
 
 
-def load_host_keys(paths: dict[str, str]) -> dict[bytes, Key]:
-    """Load or create each configured host key; the map is keyed by SSH key type.
+def load_host_keys(
+    paths: dict[str, str], generate: frozenset[str] = GENERATED_KINDS
+) -> dict[bytes, Key]:
+    """Load each configured host key, creating the kinds in ``generate`` if missing; the
+    map is keyed by SSH key type.
 
     An empty path disables that key type.
     """
     keys: dict[bytes, Key] = {}
     for kind, path in paths.items():
         if path:
-            key = load_or_create(path, kind)
+            if kind in generate:
+                key = load_or_create(path, kind)
+            else:
+                found = load_existing(path)
+                if found is None:
+                    continue
+                key = found
+                log.info(
+                    "offering the existing {kind} host key {path} for clients that pinned it;"
+                    " audits flag it: remove it once they know the ed25519 key",
+                    kind=kind,
+                    path=path,
+                )
             keys[key.sshType()] = key
     return keys
 

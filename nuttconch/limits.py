@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_limits -*-
+# -*- test-case-name: tests.test_threats -*-
 """Pre-authentication limits and per-source penalties, as OpenSSH's sshd has them.
 
 A switchboard on the open internet is flooded and probed constantly; what

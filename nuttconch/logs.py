@@ -45,22 +45,40 @@ class ConchLogger(Logger):
 
     Conch records every window adjust, EOF and channel close at debug or info; even when a
     filter discards them, building each event costs time on the packet path (a window
-    adjust every few packets). Below ``warn`` they are dropped here unless the configured
-    level is ``debug``; warnings, errors and failures pass as usual.
+    adjust every few packets). Below ``warn`` they are dropped here unless the server's
+    own config says ``level = debug``; warnings, errors and failures pass as usual.
+
+    The choice is read from the object that logs (through its factory's config), not
+    from a process-wide flag: two servers in one process (tests) may differ, and
+    building a log observer changes nothing else.
     """
 
-    verbose = False
     _quiet = frozenset({LogLevel.debug, LogLevel.info})
 
     def __get__(self, instance: object, owner: type | None = None) -> Logger:
-        if not ConchLogger.verbose:
+        if instance is None or not debug_wanted(instance):
             return self
-        return super().__get__(instance, owner)
+        # A plain Logger bound to the instance: Conch's records all pass.
+        return Logger(self.namespace, instance, observer=self.observer)
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if level in self._quiet and not ConchLogger.verbose:
+        if level in self._quiet:
             return
         super().emit(level, format, **kwargs)
+
+
+def debug_wanted(obj: object) -> bool:
+    """Whether the config that ``obj`` (a factory, transport, service or channel) runs
+    under asks for ``level = debug``; found through its factory, transport or conn."""
+    for _ in range(4):
+        config = getattr(obj, "config", None)
+        if config is not None:
+            return getattr(config, "level", "info") == "debug"
+        nxt = getattr(obj, "factory", None) or getattr(obj, "transport", None)
+        obj = nxt if nxt is not None else getattr(obj, "conn", None)
+        if obj is None:
+            return False
+    return False
 
 
 def conch_logger(owner: str) -> ConchLogger:
@@ -100,7 +118,6 @@ def text_observer(stream: IO[str]) -> FileLogObserver:
 
 def make_observer(level: str = "info", fmt: str = "text", out: IO[str] | None = None) -> Any:
     """An observer for twistd: text or JSON on ``out`` (stdout), filtered by level."""
-    ConchLogger.verbose = level == "debug"
     stream = out or sys.stdout
     base: ILogObserver = jsonFileLogObserver(stream) if fmt == "json" else text_observer(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])

@@ -14,7 +14,6 @@ its JSON API and the ``listeners --json`` / ``circuits --json`` commands.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,10 +35,9 @@ def live_circuits(factory: Any) -> Iterator[Any]:
         yield from list(getattr(conn, "circuits", ()))
 
 
-def _circuit_listener(circuit: Any) -> Any:
-    end = getattr(circuit, "initiator", None)
-    avatar = getattr(end, "avatar", None)
-    return getattr(avatar, "listener", None)
+def _circuit_listener(circuit: Any) -> str:
+    """The registry id of the listener a circuit reaches ("" if unknown)."""
+    return str(getattr(circuit, "listener_id", "") or "")
 
 
 def _circuit_client_name(circuit: Any) -> str:
@@ -122,8 +120,9 @@ class Metrics:
         self.closed_bytes = {"up": 0, "down": 0}
         self.closed_by_name: dict[str, list[int]] = {}
         # Bytes of closed circuits per initiator connection (for the status page).
-        self.listener_bytes: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
-        self._open: dict[int, Any] = {}
+        # Keyed by the registry's listener id; ids of listeners gone are pruned as it grows.
+        self.listener_bytes: dict[str, list[int]] = {}
+        self._open: dict[int, str] = {}
         r.register(_LiveCollector(self))
 
     # events
@@ -154,12 +153,9 @@ class Metrics:
         if self.by_name is not None:
             self.by_name.labels(name).inc()
         # Remember which initiator connection carries it, for per-initiator bytes.
-        try:
-            listener, _ = self.factory.registry.resolve(name, int(port))
-        except Exception:
-            listener = None
-        if listener is not None:
-            self._open[fields.get("circuit_id", 0)] = listener
+        listener_id = fields.get("listener_id")
+        if listener_id:
+            self._open[fields.get("circuit_id", 0)] = str(listener_id)
 
     def _on_circuit_close(self, fields: dict[str, Any]) -> None:
         up, down = int(fields.get("bytes_up", 0)), int(fields.get("bytes_down", 0))
@@ -170,11 +166,19 @@ class Metrics:
             totals = self.closed_by_name.setdefault(name, [0, 0])
             totals[0] += up
             totals[1] += down
-        listener = self._open.pop(fields.get("circuit_id", 0), None)
-        if listener is not None:
-            totals = self.listener_bytes.setdefault(listener, [0, 0])
+        listener_id = self._open.pop(fields.get("circuit_id", 0), None)
+        if listener_id is not None:
+            totals = self.listener_bytes.setdefault(listener_id, [0, 0])
             totals[0] += up
             totals[1] += down
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget the totals of listeners that have left, once they outnumber the live."""
+        listeners = self.factory.registry.listeners()
+        if len(self.listener_bytes) > 2 * len(listeners) + 64:
+            live = {listener.id for listener in listeners}
+            self.listener_bytes = {k: v for k, v in self.listener_bytes.items() if k in live}
 
     def _on_circuit_fail(self, fields: dict[str, Any]) -> None:
         outcome = fields.get("outcome", "refused")
@@ -277,37 +281,26 @@ class _LiveCollector(Collector):
             yield named
 
 
-def attach(factory: Any, per_name_labels: bool = False) -> Metrics:
-    """Create the metrics for ``factory`` (once) and subscribe them to its events."""
-    existing = getattr(factory, "metrics", None)
-    if isinstance(existing, Metrics):
-        return existing
-    metrics = Metrics(factory, per_name_labels)
-    factory.observers.append(metrics.observe)
-    factory.metrics = metrics
-    return metrics
-
-
 # Snapshots for the status page, the JSON API and the --json commands.
 
 
 def listener_rows(factory: Any) -> list[dict[str, Any]]:
     """Connected initiators, newest first, with bytes through their circuits."""
     metrics = getattr(factory, "metrics", None)
-    live: dict[int, list[int]] = {}
-    counts: dict[int, int] = {}
+    live: dict[str, list[int]] = {}
+    counts: dict[str, int] = {}
     for circuit in live_circuits(factory):
-        listener = _circuit_listener(circuit)
-        if listener is None:
+        listener_id = _circuit_listener(circuit)
+        if not listener_id:
             continue
-        totals = live.setdefault(id(listener), [0, 0])
+        totals = live.setdefault(listener_id, [0, 0])
         totals[0] += circuit.bytes_up
         totals[1] += circuit.bytes_down
-        counts[id(listener)] = counts.get(id(listener), 0) + 1
+        counts[listener_id] = counts.get(listener_id, 0) + 1
     rows = []
     for listener in factory.registry.listeners():
-        closed = metrics.listener_bytes.get(listener, [0, 0]) if metrics else [0, 0]
-        now_live = live.get(id(listener), [0, 0])
+        closed = metrics.listener_bytes.get(listener.id, [0, 0]) if metrics else [0, 0]
+        now_live = live.get(listener.id, [0, 0])
         rows.append(
             {
                 "name": listener.connect_name,
@@ -320,7 +313,7 @@ def listener_rows(factory: Any) -> list[dict[str, Any]]:
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(listener.connected_since)
                 ),
                 "connected_seconds": round(time.time() - listener.connected_since, 1),
-                "circuits": counts.get(id(listener), 0),
+                "circuits": counts.get(listener.id, 0),
                 "bytes_up": closed[0] + now_live[0],
                 "bytes_down": closed[1] + now_live[1],
             }

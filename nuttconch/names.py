@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_names -*-
+# -*- test-case-name: tests.test_units -*-
 """Names that route circuits: validation, normalisation and generated aliases.
 
 A name travels from an SSH username or an authorized_keys option into the

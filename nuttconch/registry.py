@@ -5,7 +5,12 @@ The registry is the only shared state between connections, so it sits
 behind an interface: this in-memory service is the single-node
 implementation, and a distributed one can replace it without touching
 protocol code.  It knows nothing of SSH: a listener is an opaque handle
-whose ``open_circuit`` the connection code supplies.
+whose ``opener`` (an ``IOpener``) the connection code supplies.
+
+What leaves the registry is a record: a listener's id, node and order are
+the registry's to assign, and ``resolve`` returns a ``Route`` holding what
+a circuit needs, so that a registry whose listeners live on other nodes can
+hand out the same shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,7 +35,18 @@ class NotFound(LookupError):
 
 
 class PortInUse(ValueError):
-    """The same initiator asked twice for one virtual port."""
+    """The same initiator asked twice for one virtual port, or for more than it may hold."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a circuit needs from a resolved ``name[~index]:port``."""
+
+    listener_id: str
+    node: str
+    name: str  # the listener's connect name, for logs and metrics
+    opener: Any  # IOpener: opens the far end of the circuit
+    bind_host: str
 
 
 class Listener:
@@ -51,6 +68,10 @@ class Listener:
         self.opener = opener
         self.ports: dict[int, str] = {}
         self.connected_since = time.time()
+        # Assigned by the registry: a stable id and the node that holds the listener at its
+        # first port, the order (higher is newer) each time it comes up.
+        self.id = ""
+        self.node = ""
         self.order = 0
 
     @property
@@ -66,9 +87,15 @@ class IRegistry(Interface):
     """Routes ``name[~index]:port`` to the listener that holds it."""
 
     observers = Attribute("list of callables (event: str, listener, port: int | None)")
+    node = Attribute("The name of the node this registry runs on (str).")
 
-    def add_port(listener: Listener, bind_host: str, port: int) -> int:
-        """Give ``listener`` a virtual port (0 allocates one); return the port."""
+    def add_port(listener: Listener, bind_host: str, port: int, limit: int | None = None) -> int:
+        """Give ``listener`` a virtual port (0 allocates one); return the port.
+
+        Raises PortInUse if the listener holds ``port`` already or, with ``limit``,
+        holds that many ports already. The first port gives the listener its id
+        (kept for its lifetime), its node and a new order value.
+        """
 
     def remove_port(listener: Listener, port: int) -> bool:
         """Drop one virtual port; False if the listener did not hold it."""
@@ -76,8 +103,11 @@ class IRegistry(Interface):
     def remove_listener(listener: Listener) -> None:
         """Drop every port and name of a listener that left."""
 
-    def resolve(target: str, port: int) -> tuple[Listener, str]:
-        """Return the listener and bind host for ``target:port`` or raise NotFound."""
+    def resolve(target: str, port: int) -> Route:
+        """Return the route to ``target:port`` (``name[~index]``) or raise NotFound."""
+
+    def find(target: str) -> Listener:
+        """The listener ``name[~index]`` names, whatever its ports, or raise NotFound."""
 
     def listeners() -> list[Listener]:
         """Every registered listener, most recent first."""
@@ -89,10 +119,12 @@ class InMemoryRegistry(Service):
 
     name = "registry"
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, node: str = "local") -> None:
+        self.node = node
         self._names: dict[str, list[Listener]] = {}
         self._active: dict[int, Listener] = {}
         self._counter = itertools.count(1)
+        self._ids = itertools.count(1)
         self._rng = rng or random.SystemRandom()
         self.observers: list[Callable[[str, Listener, int | None], None]] = []
 
@@ -100,7 +132,13 @@ class InMemoryRegistry(Service):
         for observer in list(self.observers):
             observer(event, listener, port)
 
-    def add_port(self, listener: Listener, bind_host: str, port: int) -> int:
+    def add_port(
+        self, listener: Listener, bind_host: str, port: int, limit: int | None = None
+    ) -> int:
+        if port != 0 and port in listener.ports:
+            raise PortInUse(f"port {port} is already forwarded on this connection")
+        if limit is not None and len(listener.ports) >= limit:
+            raise PortInUse(f"more than {limit} forwards")
         if port == 0:
             free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
             if not free:
@@ -108,10 +146,11 @@ class InMemoryRegistry(Service):
                 if not free:
                     raise PortInUse("no free virtual port is left on this connection")
             port = free[0]
-        elif port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
         listener.ports[port] = bind_host
         if len(listener.ports) == 1:
+            if not listener.id:
+                listener.id = f"{self.node}/{next(self._ids)}"
+                listener.node = self.node
             listener.order = next(self._counter)
             self._active[id(listener)] = listener
             for name in dict.fromkeys(listener.aliases):
@@ -147,7 +186,7 @@ class InMemoryRegistry(Service):
                 self._names.pop(name, None)
         self._notify("down", listener, None)
 
-    def resolve(self, target: str, port: int) -> tuple[Listener, str]:
+    def _holder(self, target: str) -> tuple[Listener, str]:
         name, index = split_index(target.lower())
         holders = self._names.get(name)
         # The name is the client's, unchecked: the message goes to logs and back to the
@@ -157,11 +196,17 @@ class InMemoryRegistry(Service):
             raise NotFound(f"no such listener: {shown}")
         if index >= len(holders):
             raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown})")
-        listener = holders[index]
+        return holders[index], shown
+
+    def resolve(self, target: str, port: int) -> Route:
+        listener, shown = self._holder(target)
         bind_host = listener.ports.get(port)
         if bind_host is None:
             raise NotFound(f"no such port: {shown} has no port {port}")
-        return listener, bind_host
+        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
+
+    def find(self, target: str) -> Listener:
+        return self._holder(target)[0]
 
     def listeners(self) -> list[Listener]:
         return sorted(self._active.values(), key=lambda entry: -entry.order)

@@ -3,7 +3,9 @@
 
 Everything a connection needs from the server as a whole (config,
 registry, portal, counters, the list of live connections for a graceful
-stop) is reached through this one object, as in Conch's own tap.
+stop) is reached through this one object, as in Conch's own tap.  What it
+is given rather than owns (the event bus, admission, metrics, webhooks) is
+built by the composition in tap.py and passed in.
 """
 
 from __future__ import annotations
@@ -20,19 +22,16 @@ from twisted.logger import Logger
 from twisted.python import threadable
 
 from . import authkeys
+from .admission import Admission
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
 from .connection import SwitchboardConnection
-from .limits import Penalties, Startups
+from .events import EventBus
 from .logs import conch_logger
 from .names import InvalidName
 from .transport import SwitchboardTransport
 
 log = Logger()
-# An unauthenticated connection that has not finished key exchange after this many seconds
-# may be dropped to admit a newcomer when MaxStartups is full.
-STALLER_AGE = 2.0
-NO_KEXINIT_AGE = 0.5
 
 
 class SwitchboardFactory(conch_factory.SSHFactory):
@@ -43,6 +42,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     protocol = SwitchboardTransport
     #: The AuthorizedKeysChecker (set by tap.build); the watcher needs its secret.
     checker: Any = None
+    #: Set by the composition (tap.py) when it builds them; read by commands and pages.
+    metrics: Any = None
+    webhooks: Any = None
 
     def __init__(
         self,
@@ -51,6 +53,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         portal: Any,
         hostKeys: dict[bytes, Any],
         clock: Any = None,
+        events: EventBus | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -64,19 +68,16 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             b"ssh-connection": SwitchboardConnection,
         }
         self._ids = itertools.count(1)
+        # Circuit ids, per server (not per process: two servers in one process, or the
+        # nodes of a cluster, number their own).
+        self.circuitIds = itertools.count(1)
         self.transports: set[SwitchboardTransport] = set()
         self.avatars: set[Any] = set()
         self.circuitsOpened = 0
         self.stopping = False
-        start, rate, full = config.max_startups
-        self.startups = Startups(start, rate, full, config.per_source_max_startups)
-        exempt = config.per_source_penalty_exempt_list
-        self.penalties = Penalties(
-            clock=self.clock.seconds,
-            exempt=(lambda host: authkeys.match_from(exempt, host))
-            if exempt
-            else (lambda h: False),
-            enabled=config.per_source_penalties,
+        self.events = events if events is not None else EventBus()
+        self.admission = (
+            admission if admission is not None else Admission(config, self.clock, self.events)
         )
         self.budget = MemoryBudget(
             config.memory_per_connection, config.memory_total, config.channel_window
@@ -84,22 +85,34 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         self.connectionLimits = ConnectionLimits(
             config.max_connections_per_key, config.max_connections_per_source
         )
-        self.dropped = 0
-        # Unauthenticated transports in arrival order (a dict used as an ordered set).
-        self.preauth: dict[SwitchboardTransport, None] = {}
-        self._dropLogged: dict[str, float] = {}
         self._lost: dict[SwitchboardTransport, defer.Deferred[None]] = {}
-        # Observers of server events (metrics, webhooks, tests): f(event, fields).
-        self.observers: list[Any] = []
         registry.observers.append(self._registryEvent)
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Tell observers what happened; an observer's failure never reaches the protocol."""
-        for observer in list(self.observers):
-            try:
-                observer(event, fields)
-            except Exception:
-                log.failure("event observer failed on {event}", event=event)
+        """Tell the event bus what happened."""
+        self.events.emit(event, **fields)
+
+    # What used to live here, for the callers that read it through the factory.
+
+    @property
+    def observers(self) -> list[Any]:
+        return self.events.observers
+
+    @property
+    def penalties(self) -> Any:
+        return self.admission.penalties
+
+    @property
+    def startups(self) -> Any:
+        return self.admission.startups
+
+    @property
+    def dropped(self) -> int:
+        return self.admission.dropped
+
+    @property
+    def preauth(self) -> dict[Any, None]:
+        return self.admission.preauth
 
     def _registryEvent(self, event: str, listener: Any, port: int | None) -> None:
         if event in ("up", "down"):
@@ -118,22 +131,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         """Refuse penalised sources and excess unauthenticated connections before any work."""
         if self.stopping:
             return None
-        host = getattr(addr, "host", "?")
-        if self.penalties.refused(host):
-            self._drop(host, "source is penalised")
-            return None
-        reason = self.startups.admit(host)
-        if reason is not None and reason != "per-source startups exceeded":
-            # Full of unauthenticated connections: make room by dropping the oldest one that
-            # has not even finished key exchange (a staller), so a real client still gets in.
-            victim = self._oldestStaller()
-            if victim is not None:
-                self.preauthDone(victim)
-                victim.penaltyKind = "grace-exceeded"
-                victim.transport.abortConnection()
-                reason = self.startups.admit(host, early_drop=False)
-        if reason is not None:
-            self._drop(host, reason)
+        if not self.admission.admit(getattr(addr, "host", "?")):
             return None
         t = protocol.Factory.buildProtocol(self, addr)
         assert isinstance(t, SwitchboardTransport)
@@ -150,9 +148,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         t.supportedMACs = list(self.config.macs)
         t.supportedKeyExchanges = list(self.config.kex_algorithms)
         t.connId = next(self._ids)
-        t.preauthCounted = True
-        t.startedAt = self.clock.seconds()
-        self.preauth[t] = None
+        self.admission.started(t)
         return t
 
     def watchKeys(self, keysFile: Any) -> None:
@@ -268,6 +264,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
         if entry is None:
+            if identity.external:
+                return None  # admitted by authorized_keys_command; the file never had it
             return "key removed from authorized_keys"
         if entry.denied:
             return "key denied in authorized_keys"
@@ -295,48 +293,12 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key's aliases changed"
         return None
 
-    def _oldestStaller(self) -> SwitchboardTransport | None:
-        """The oldest unauthenticated connection that looks stalled: no KEXINIT after
-        NO_KEXINIT_AGE (real clients send it with their banner), or no finished key
-        exchange after STALLER_AGE."""
-        now = self.clock.seconds()
-        for transport in self.preauth:  # insertion order: oldest first
-            age = now - transport.startedAt
-            if transport.firstKexDone:
-                continue
-            if age >= STALLER_AGE or (age >= NO_KEXINIT_AGE and not transport.gotKexInit):
-                return transport
-        return None
-
-    def _drop(self, host: str, reason: str) -> None:
-        """Count every drop; log at most one line per source and reason a minute."""
-        self.dropped += 1
-        now = self.clock.seconds()
-        key = f"{host} {reason}"
-        if now - self._dropLogged.get(key, -1e9) >= 60:
-            if len(self._dropLogged) > 4096:
-                self._dropLogged.clear()
-            self._dropLogged[key] = now
-            log.info("refused connection from {peer}: {reason}", peer=host, reason=reason)
-        self.emit("connection.refused", peer=host, reason=reason)
-
     def preauthDone(self, transport: SwitchboardTransport) -> None:
         """The connection authenticated or closed: it leaves the MaxStartups count."""
-        if transport.preauthCounted:
-            transport.preauthCounted = False
-            self.preauth.pop(transport, None)
-            self.startups.done(transport._peerHost)
+        self.admission.done(transport)
 
     def penalise(self, host: str, kind: str) -> None:
-        seconds = self.penalties.add(host, kind)
-        if seconds is not None:
-            log.info(
-                "penalising {peer} for {seconds:.0f}s ({kind})",
-                peer=host,
-                seconds=seconds,
-                kind=kind,
-            )
-            self.emit("penalty", peer=host, seconds=seconds, kind=kind)
+        self.admission.penalise(host, kind)
 
     # accounting hooks called by transports, userauth, avatars and connections
 
@@ -388,6 +350,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             target=circuit.target,
             client=circuit.client_peer,
             latency=latency,
+            listener_id=circuit.listener_id,
         )
         circuit.onClose.append(self._circuitClosed)
 

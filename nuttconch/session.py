@@ -165,6 +165,7 @@ class SessionHandler:
         self.proto: Any = None
         self.terminal: Any = None
         self.greeting = False
+        self._pending: Any = None
 
     @property
     def _serverName(self) -> tuple[str, int]:
@@ -190,8 +191,28 @@ class SessionHandler:
         proto.makeConnection(conch_session.wrapProtocol(inner))
         self.proto = proto
 
+    def _afterReply(self, action: Any, *args: Any) -> None:
+        """Run ``action`` once the reply to the current channel request is out.
+
+        Conch answers an exec or shell request only after its handler returns; output
+        and a close written inside the handler would reach the client before that
+        answer, and clients that wait for it (paramiko, hence Fabric, Ansible and
+        Netmiko) then fail with "Channel closed".  The reply is sent in the same call
+        as the handler, so a zero-delay call lands after it.
+        """
+
+        def run() -> None:
+            self._pending = None
+            if self.proto is not None and not self.proto.session.localClosed:
+                action(*args)
+
+        self._pending = self.avatar.conn.transport.clock.callLater(0, run)
+
     def execCommand(self, proto: Any, command: bytes) -> None:
         self._connect(proto, _Sink())
+        self._afterReply(self._runCommand, proto, command)
+
+    def _runCommand(self, proto: Any, command: bytes) -> None:
         forced = self.avatar.identity.policy.command
         log.info(
             "conn {conn_id}: {hostname} runs {command}{asked}",
@@ -223,14 +244,20 @@ class SessionHandler:
             self._connect(proto, terminal)
             self.terminal = terminal
             return
+        if self.pty and not self.avatar.holdsPorts():
+            # A terminal user with nothing to see: a greeting that sits there looks like a
+            # hung login.  An initiator's session (ssh -R without -N) holds its ports by
+            # now, since OpenSSH sends its forwards before it opens the session.
+            self._connect(proto, _Sink())
+            self._afterReply(self._refuse, proto, self._noShellReason())
+            return
         self._connect(proto, _Sink(self._greetingInput))
         if len(self.avatar.sessions) >= MAX_GREETING_SESSIONS:
             message = (
                 f"nuttconch: too many sessions on this connection"
                 f" (at most {MAX_GREETING_SESSIONS}); close one first\n"
             )
-            proto.session.writeExtended(1, _crlf(message) if self.pty else message.encode())
-            _finish(proto, 1)
+            self._afterReply(self._refuse, proto, message)
             return
         self.greeting = True
         server, port = self._serverName
@@ -239,6 +266,33 @@ class SessionHandler:
             text += "The interactive shell is disabled on this server; exec commands work.\n"
         proto.write(_crlf(text) if self.pty else text.encode("utf-8"))
         self.avatar.sessions.append(self)
+
+    def _noShellReason(self) -> str:
+        """Why a terminal session gets no shell, and what the user can do instead."""
+        server, port = self._serverName
+        if "admin" not in self.avatar.identity.access:
+            why = "this key has no interactive shell (that needs access=admin)"
+        else:
+            why = "the interactive shell is disabled on this server (enable_shell = false)"
+        return (
+            f"nuttconch: {why}, and this connection holds no virtual port.\n"
+            f"Run a command instead (ssh -p {port} {server} help), offer a port with"
+            f" ssh -R PORT:HOST:PORT, or reach one with ssh -W NAME:PORT.\n"
+        )
+
+    def _refuse(self, proto: Any, message: str) -> None:
+        """End a session that cannot be served: the reason on stderr, exit status 1.
+
+        Logged at debug only: a client may open a session per channel it is allowed, and
+        each refusal is its own fault, not news to the operator."""
+        log.debug(
+            "conn {conn_id}: shell session of {hostname} ended: {why}",
+            conn_id=self.avatar.info.conn_id,
+            hostname=self.avatar.identity.hostname,
+            why=message.splitlines()[0],
+        )
+        proto.session.writeExtended(1, _crlf(message) if self.pty else message.encode())
+        _finish(proto, 1)
 
     def _greetingInput(self, data: bytes) -> None:
         """With a terminal, Ctrl-C or Ctrl-D leaves; other input is ignored."""
@@ -258,6 +312,9 @@ class SessionHandler:
             _finish(self.proto, 0)
 
     def closed(self) -> None:
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
         if self in self.avatar.sessions:
             self.avatar.sessions.remove(self)
 

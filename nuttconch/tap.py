@@ -1,5 +1,11 @@
-# -*- test-case-name: tests.test_tap -*-
-"""``twistd nuttconch``: command-line options and service composition, nothing else."""
+# -*- test-case-name: tests.test_tap,tests.test_twistd,tests.test_ops -*-
+"""``twistd nuttconch``: command-line options and service composition, nothing else.
+
+Every long-lived object is built here, once, and handed to those that use
+it: the event bus, admission, the registry, the checker, the factory, metrics,
+webhooks and the listeners.  ``makeService`` takes the reactor, so a test can
+pass a ``MemoryReactorClock`` and see what would listen and when timers fire.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,28 @@ from typing import Any
 
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as configmod
+from . import events as eventsmod
+from . import metrics as metricsmod
+from . import web, webhooks
+from .admission import Admission
 from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
 from .hostnames import VerifiedNames
+from .keycommand import KeyCommand
 from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
 
 log = Logger()
+# The lines about the operations listener keep the namespace they were logged under.
+webLog = Logger(namespace="nuttconch.web")
 KEYS_POLL_SECONDS = 2.0
 
 
@@ -50,9 +63,10 @@ class Options(usage.Options):
 class SwitchboardService(service.MultiService):
     """Stops listening, disconnects everyone politely, then lets twistd exit."""
 
-    def __init__(self, factory: SwitchboardFactory) -> None:
+    def __init__(self, factory: SwitchboardFactory, reactor: Any = None) -> None:
         super().__init__()
         self.factory = factory
+        self.reactor: Any = reactor if reactor is not None else factory.clock
 
     def startService(self) -> None:
         super().startService()
@@ -60,7 +74,7 @@ class SwitchboardService(service.MultiService):
         try:
             signal.signal(
                 signal.SIGHUP,
-                lambda *_: reactor.callFromThread(self.factory.checkKeys),  # type: ignore[attr-defined]
+                lambda *_: self.reactor.callFromThread(self.factory.checkKeys),
             )
         except ValueError:
             pass  # not the main thread (tests)
@@ -105,6 +119,8 @@ def raise_fd_limit() -> None:
 
 def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory, Any]:
     """Make the factory and its parts from a validated config (used by tests too)."""
+    if clock is None:
+        from twisted.internet import reactor as clock
     host_keys = load_host_keys(
         {
             "ecdsa": cfg.host_key_ecdsa,
@@ -124,34 +140,91 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         first_use=FirstUseLimiter(
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
-        names=VerifiedNames(reactor) if cfg.use_dns else None,
+        names=VerifiedNames(clock) if cfg.use_dns else None,
+        key_command=_key_command(cfg, clock),
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")
-    factory = SwitchboardFactory(cfg, registry, None, host_keys, clock=clock)
+    bus = eventsmod.EventBus()
+    admission = Admission(cfg, clock, bus)
+    factory = SwitchboardFactory(
+        cfg, registry, None, host_keys, clock=clock, events=bus, admission=admission
+    )
     factory.portal = Portal(SwitchboardRealm(factory), [checker])
     factory.watchKeys(keys_file)
     factory.checker = checker
     return factory, registry
 
 
-def makeService(options: Options) -> service.IService:
+def _key_command(cfg: configmod.Config, reactor: Any) -> KeyCommand | None:
+    """authorized_keys_command, if configured."""
+    if not cfg.authorized_keys_command:
+        return None
+    return KeyCommand(
+        cfg.authorized_keys_command,
+        reactor,
+        timeout=cfg.authorized_keys_command_timeout,
+        max_output=cfg.authorized_keys_command_max_output,
+        cache_time=cfg.authorized_keys_command_cache,
+    )
+
+
+def install_operations(
+    factory: SwitchboardFactory, cfg: configmod.Config, parent: Any, reactor: Any = None
+) -> None:
+    """Metrics, event log lines, the HTTP listener and webhooks, as ``cfg`` asks, all
+    subscribed to the factory's event bus and handed to the factory by this one place."""
+    bus = factory.events
+    metrics = metricsmod.Metrics(factory, cfg.per_name_labels)
+    bus.subscribe(metrics.observe)
+    factory.metrics = metrics
+    eventsmod.attach(bus)
+    if cfg.listen:
+        web.service(cfg.listen, factory, metrics, cfg.allowed_hosts, reactor).setServiceParent(
+            parent
+        )
+        if web.listens_everywhere(cfg.listen):
+            webLog.warn(
+                "[metrics] listen = {endpoint} listens on every address; the status page"
+                " shows addresses and key fingerprints",
+                endpoint=cfg.listen,
+            )
+        webLog.info("metrics and status page on {endpoint}", endpoint=cfg.listen)
+    if cfg.url:
+        hooks = webhooks.Webhooks(
+            cfg.url,
+            queue_size=cfg.queue_size,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            backoff=cfg.backoff,
+            server=cfg.server_fqdn,
+            reactor=reactor,
+        )
+        bus.subscribe(hooks.observe)
+        factory.webhooks = hooks
+        hooks.setServiceParent(parent)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """The whole server from parsed options: every part built here, on ``reactor``."""
+    if reactor is None:
+        from twisted.internet import reactor
     cfg: configmod.Config = options["loaded"]
     raise_fd_limit()
     try:
-        factory, registry = build(cfg)
+        factory, registry = build(cfg, clock=reactor)
     except HostKeyError as exc:
         # One line naming the file, not a traceback (a loose mode, a bad or partial key).
         raise SystemExit(f"nuttconch: {exc}") from None
-    top = SwitchboardService(factory)
+    top = SwitchboardService(factory, reactor)
     registry.setServiceParent(top)
-    internet.TimerService(KEYS_POLL_SECONDS, factory.checkKeys).setServiceParent(top)
+    keys = internet.TimerService(KEYS_POLL_SECONDS, factory.checkKeys)
+    keys.clock = reactor
+    keys.setServiceParent(top)
     endpoint = options["listen"] or cfg.listen_endpoint
-    ssh = strports.service(endpoint, factory)
+    ssh = strports.service(endpoint, factory, reactor=reactor)
     ssh.setName("ssh")
     ssh.setServiceParent(top)
-    from .web import install as install_operations
-
-    install_operations(factory, cfg, top)
+    install_operations(factory, cfg, top, reactor)
     log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
     return top

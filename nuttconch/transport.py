@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_transport -*-
+# -*- test-case-name: tests.test_crypto,tests.test_protocol_security -*-
 """The SSH transport: safe algorithms, a handshake deadline, and no tracebacks.
 
 Stock Conch negotiates zlib before authentication (a memory bomb), offers
@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from .crypto import (
     DEFAULT_CIPHERS,
+    DEFAULT_KEX,
     DEFAULT_MACS,
     MSG_CHANNEL_DATA,
     ModernTransportMixin,
@@ -85,7 +86,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
 
     supportedCiphers = list(DEFAULT_CIPHERS)
     supportedMACs = list(DEFAULT_MACS)
-    supportedKeyExchanges = list(available_kex())
+    supportedKeyExchanges = list(available_kex(DEFAULT_KEX))
     supportedCompressions = [b"none"]
     ourVersionString = b"SSH-2.0-nuttconch_0.1"
 

@@ -316,9 +316,13 @@ def site(
 
 
 def service(
-    endpoint: str, factory: Any, metrics: metricsmod.Metrics, allowed_hosts: tuple[str, ...] = ()
+    endpoint: str,
+    factory: Any,
+    metrics: metricsmod.Metrics,
+    allowed_hosts: tuple[str, ...] = (),
+    reactor: Any = None,
 ) -> Any:
-    svc = strports.service(endpoint, site(factory, metrics, allowed_hosts))
+    svc = strports.service(endpoint, site(factory, metrics, allowed_hosts), reactor=reactor)
     svc.setName("metrics-http")
     return svc
 
@@ -333,23 +337,3 @@ def listens_everywhere(endpoint: str) -> bool:
         if part.startswith("interface="):
             interface = part[len("interface=") :].replace("\0", ":")
     return interface is None or interface in ("", "0.0.0.0", "::", "0:0:0:0:0:0:0:0")
-
-
-def install(factory: Any, cfg: Any, parent: Any) -> None:
-    """Metrics, event log lines, the HTTP listener and webhooks, as ``cfg`` asks."""
-    from . import events, webhooks
-
-    metrics = metricsmod.attach(factory, cfg.per_name_labels)
-    events.attach(factory)
-    if cfg.listen:
-        service(cfg.listen, factory, metrics, cfg.allowed_hosts).setServiceParent(parent)
-        if listens_everywhere(cfg.listen):
-            log.warn(
-                "[metrics] listen = {endpoint} listens on every address; the status page"
-                " shows addresses and key fingerprints",
-                endpoint=cfg.listen,
-            )
-        log.info("metrics and status page on {endpoint}", endpoint=cfg.listen)
-    hooks = webhooks.attach(factory, cfg)
-    if hooks is not None:
-        hooks.setServiceParent(parent)

@@ -32,6 +32,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 log = Logger()
 
 EVENTS = frozenset({"initiator.up", "initiator.down", "circuit.open", "circuit.close"})
+# Event fields for the server's own observers (metrics), not part of the webhook body.
+INTERNAL_FIELDS = frozenset({"listener_id"})
 MAX_BACKOFF = 300.0
 USER_AGENT = b"nuttconch-webhooks/0.1"
 
@@ -106,7 +108,8 @@ class Webhooks(Service):
             "server": self.server,
         }
         for key, value in fields.items():
-            body.setdefault(key, value)
+            if key not in INTERNAL_FIELDS:
+                body.setdefault(key, value)
         self.queue.append(body)
         self._schedule(0)
 
@@ -212,21 +215,3 @@ class Webhooks(Service):
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return None
-
-
-def attach(factory: Any, cfg: Any, reactor: Any = None) -> Webhooks | None:
-    """Create the sender if ``[events] url`` is set and subscribe it to ``factory``."""
-    if not cfg.url:
-        return None
-    hooks = Webhooks(
-        cfg.url,
-        queue_size=cfg.queue_size,
-        timeout=cfg.timeout,
-        retries=cfg.retries,
-        backoff=cfg.backoff,
-        server=cfg.server_fqdn,
-        reactor=reactor,
-    )
-    factory.observers.append(hooks.observe)
-    factory.webhooks = hooks
-    return hooks

@@ -287,12 +287,14 @@ class PermissionMatrixTests(AccessTestMixin, unittest.TestCase):
             self.assertEqual(self.registry.listeners(), [device])
 
         out, err, code = shell
-        self.assertEqual(code, 0, err)
         if expected["shell"]:
+            self.assertEqual(code, 0, err)
             self.assertIn(b"nuttconch> ", out)
         else:
-            self.assertIn(b"Welcome to nuttconch", out)
-            self.assertNotIn(b"nuttconch> ", out)
+            # No shell and no virtual port: the reason, and exit status 1 (issue 12.5).
+            self.assertEqual(code, 1, err)
+            self.assertIn(b"no interactive shell", out + err)
+            self.assertNotIn(b"nuttconch> ", out + err)
         # Nothing the key did changed its line or added one.
         self.assertEqual(self.readKeys(), with_key)
 

@@ -545,6 +545,8 @@ class TailParseTests(unittest.TestCase):
     """AuthorizedKeysFile parses only appended lines, with the right line numbers."""
 
     def test_append_parses_only_the_tail(self) -> None:
+        """An append to a 500-line authorized_keys parses only the new lines; a bad new line
+        holding a known key denies it; a rewrite is parsed whole."""
         from cryptography.hazmat.primitives.asymmetric import ed25519
 
         def public() -> str:
@@ -585,6 +587,8 @@ class FirstUseLimiterTests(unittest.TestCase):
     """The token buckets refill with time, per source (IPv6 by /64) and overall."""
 
     def test_refill_and_sources(self) -> None:
+        """First-use keys are limited per source (IPv6 by /64) and overall, and the limits refill
+        with time."""
         from nuttconch.auth import FirstUseLimiter
 
         now = [0.0]

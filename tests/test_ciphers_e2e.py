@@ -67,37 +67,49 @@ class CipherCircuitTests(SwitchboardTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_chacha20_poly1305(self) -> defer.Generator:
+        """A circuit through chacha20-poly1305 carries its data intact across at least ten rekeys
+        on both legs."""
         err, ierr = yield self.circuit("chacha20-poly1305@openssh.com", None)
         self.assertRekeyed(err, 10)
         self.assertRekeyed(ierr, 10)
 
     @defer.inlineCallbacks
     def test_aes128_gcm(self) -> defer.Generator:
+        """A circuit through aes128-gcm carries its data intact across at least ten rekeys."""
         err, ierr = yield self.circuit("aes128-gcm@openssh.com", None)
         self.assertRekeyed(err, 10)
 
     @defer.inlineCallbacks
     def test_aes256_gcm(self) -> defer.Generator:
+        """A circuit through aes256-gcm carries its data intact across at least ten rekeys."""
         err, ierr = yield self.circuit("aes256-gcm@openssh.com", None)
         self.assertRekeyed(err, 10)
 
     @defer.inlineCallbacks
     def test_aes128_ctr_hmac_sha2_256_etm(self) -> defer.Generator:
+        """A circuit through aes128-ctr with hmac-sha2-256-etm carries its data intact across at
+        least ten rekeys."""
         err, ierr = yield self.circuit("aes128-ctr", "hmac-sha2-256-etm@openssh.com")
         self.assertRekeyed(err, 10)
 
     @defer.inlineCallbacks
     def test_aes256_ctr_hmac_sha2_512_etm(self) -> defer.Generator:
+        """A circuit through aes256-ctr with hmac-sha2-512-etm carries its data intact across at
+        least ten rekeys."""
         err, ierr = yield self.circuit("aes256-ctr", "hmac-sha2-512-etm@openssh.com")
         self.assertRekeyed(err, 10)
 
     @defer.inlineCallbacks
     def test_aes192_ctr_hmac_sha2_256(self) -> defer.Generator:
+        """A circuit through aes192-ctr with hmac-sha2-256 carries its data intact across at least
+        ten rekeys."""
         err, ierr = yield self.circuit("aes192-ctr", "hmac-sha2-256")
         self.assertRekeyed(err, 10)
 
     @defer.inlineCallbacks
     def test_aes128_ctr_hmac_sha2_512(self) -> defer.Generator:
+        """A circuit through aes128-ctr with hmac-sha2-512 carries its data intact across at least
+        ten rekeys."""
         err, ierr = yield self.circuit("aes128-ctr", "hmac-sha2-512")
         self.assertRekeyed(err, 10)
 

@@ -145,6 +145,7 @@ class ReferenceSelfTests(unittest.TestCase):
     """The references reproduce the published vectors, so they can judge nuttconch."""
 
     def test_chacha20_block_rfc8439_2_3_2(self) -> None:
+        """The reference ChaCha20 block function gives RFC 8439's test vector 2.3.2."""
         key = bytes(range(32))
         nonce = bytes.fromhex("000000090000004a00000000")
         words = (1, *struct.unpack("<3L", nonce))
@@ -155,11 +156,13 @@ class ReferenceSelfTests(unittest.TestCase):
         )
 
     def test_poly1305_rfc8439_2_5_2(self) -> None:
+        """The reference Poly1305 gives RFC 8439's test vector 2.5.2."""
         key = bytes.fromhex("85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b")
         tag = poly1305(key, b"Cryptographic Forum Research Group")
         self.assertEqual(tag.hex(), "a8061dc1305136c6c22b8baf0c0127a9")
 
     def test_gcm_mcgrew_viega_cases_1_and_2(self) -> None:
+        """The reference AES-GCM gives McGrew and Viega's test cases 1 and 2."""
         zero = bytes(16)
         self.assertEqual(
             gcm_reference(zero, bytes(12), b"", b"").hex(), "58e2fccefa7e3061367f1d57a4e7455a"
@@ -211,6 +214,8 @@ class ChachaKnownAnswerTests(unittest.TestCase):
         return s
 
     def test_seal_matches_spec(self) -> None:
+        """Sealed chacha20-poly1305 packets equal the reference construction, sequence numbers up
+        to 2^32-1 included."""
         s = self.sealer()
         for seq in (0, 1, 7, M32):
             wire = s.seal(seq, PAYLOAD[0], PAYLOAD[1:])
@@ -218,6 +223,8 @@ class ChachaKnownAnswerTests(unittest.TestCase):
             self.assertEqual((len(wire) - 4 - 16) % 8, 0)
 
     def test_open_and_reject(self) -> None:
+        """A sealed packet opens even fed byte by byte; a wrong sequence number or any flipped bit
+        is rejected."""
         wire = self.expected(5, PAYLOAD)
         opener = ChachaOpener(CIPHERS[b"chacha20-poly1305@openssh.com"], KEY64)
         self.assertEqual(_feed_bytewise(opener, wire, 5), PAYLOAD)
@@ -241,6 +248,8 @@ class GcmKnownAnswerTests(unittest.TestCase):
         return length + gcm_reference(key, iv, bytes([pad]) + payload + fixed_pad(pad), length)
 
     def test_seal_matches_spec_and_nonce_advances(self) -> None:
+        """Sealed AES-GCM packets equal the reference, and the invocation counter advances per
+        packet, wrapping as RFC 5647 says."""
         for name in (b"aes128-gcm@openssh.com", b"aes256-gcm@openssh.com"):
             spec = CIPHERS[name]
             key = KEY64[: spec.key_size]
@@ -262,6 +271,8 @@ class GcmKnownAnswerTests(unittest.TestCase):
                 )
 
     def test_open_and_reject(self) -> None:
+        """A sealed packet opens even fed byte by byte; a wrong sequence number or any flipped bit
+        is rejected."""
         spec = CIPHERS[b"aes256-gcm@openssh.com"]
         iv = bytes(range(12))
         wire = self.expected(KEY64[:32], iv, PAYLOAD)
@@ -313,6 +324,8 @@ class CtrKnownAnswerTests(unittest.TestCase):
         return out
 
     def test_seal_open_each_mac(self) -> None:
+        """aes128-ctr packets sealed with each MAC equal the reference and open again, also when
+        split mid-packet."""
         spec = CIPHERS[b"aes128-ctr"]
         for mac in MACS:
             s = CtrSealer(spec, MACS[mac], KEY64, IV16, MKEY)
@@ -330,6 +343,8 @@ class CtrKnownAnswerTests(unittest.TestCase):
             self.assertEqual(second, (PAYLOAD, len(wire)))
 
     def test_reject_tampering_and_wrong_sequence(self) -> None:
+        """aes256-ctr packets with any MAC are rejected with a MAC error under a wrong sequence
+        number or after tampering."""
         spec = CIPHERS[b"aes256-ctr"]
         for mac in MACS:
             s = CtrSealer(spec, MACS[mac], KEY64, IV16, MKEY)
@@ -371,6 +386,8 @@ class FramingTests(unittest.TestCase):
                 self.assertLess(pad, 4 + block)
 
     def test_bad_lengths_rejected(self) -> None:
+        """Packet lengths that are too short, unaligned or too long, and padding past the payload,
+        are rejected."""
         none = Opener()
         for length in (0, 4, 8 + 3, crypto.MAX_PACKET + 4):
             self.assertRaises(PacketError, none.open, struct.pack(">L", length) + bytes(16), 0, 0)
@@ -378,6 +395,8 @@ class FramingTests(unittest.TestCase):
         self.assertRaises(PacketError, none.open, struct.pack(">LB", 12, 11) + bytes(11), 0, 0)
 
     def test_parse_algorithms(self) -> None:
+        """OpenSSH-style algorithm lists: plain, +, - and ^ forms give the expected order; unknown
+        names and empty lists are refused."""
         p = crypto.parse_algorithms
         self.assertEqual(p("ciphers", "aes256-ctr, aes128-gcm@openssh.com"),
                          (b"aes256-ctr", b"aes128-gcm@openssh.com"))  # fmt: skip
@@ -390,6 +409,7 @@ class FramingTests(unittest.TestCase):
             self.assertRaises(ValueError, p, kind, bad)
 
     def test_unsupported_name_is_a_config_error(self) -> None:
+        """An unsupported cipher in nuttssh.ini is a ConfigError naming the key and the cipher."""
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as handle:
             handle.write("[server]\nciphers = aes128-ctr,3des-cbc\n")
@@ -645,6 +665,8 @@ class StrictKexTests(SwitchboardTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_terrapin_truncation_fails_with_strict_kex(self) -> defer.Generator:
+        """The Terrapin prefix truncation (an injected IGNORE, the first encrypted packet deleted)
+        ends the connection under strict KEX, with every mode."""
         for cipher, mac in ALL_MODES:
             result = yield self.run_client(cipher, mac, True, self.terrapin)
             self.assertClosed(result, "strict KEX violation")
@@ -697,6 +719,8 @@ class PiecesTests(unittest.TestCase):
                 )
 
     def test_pieces_equal_seal(self) -> None:
+        """Sealing channel data from pieces gives the same wire bytes as sealing the joined packet,
+        for every cipher."""
         data = os.urandom(1000)
         for name, a, b, opener in self.pairs():
             a.random = b.random = fixed_pad  # type: ignore[method-assign]

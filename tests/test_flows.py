@@ -580,14 +580,14 @@ class ShellDisabledTests(FlowTestBase):
 
     @defer.inlineCallbacks
     def test_shell_disabled_message(self) -> defer.Generator:
-        """ssh -tt by an admin key says the interactive shell is disabled; whoami still works."""
+        """ssh -tt by an admin key says the interactive shell is disabled and, holding no
+        virtual port, ends with status 1 (issue 12.5); whoami still works."""
         admin = self.key("adm", options='access="admin"')
         proc = self.spawn(admin, "boss", "-tt", stdin=None)
         yield proc.waitOutput(b"interactive shell is disabled")
-        self.assertNotIn(b"nuttconch> ", bytes(proc.out))
-        proc.transport.write(b"\x04")
-        out, err, code = yield within(proc.ended, 5, "the greeting session to end on Ctrl-D")
-        self.assertEqual(code, 0, err)
+        out, err, code = yield within(proc.ended, 5, "the refused session to end")
+        self.assertNotIn(b"nuttconch> ", out + err)
+        self.assertEqual(code, 1, err)
         out, err, code = yield self.ssh(admin, "boss", command=("whoami",))
         self.assertEqual(code, 0, err)
         self.assertIn(b"hostname: boss\n", out)

@@ -165,6 +165,12 @@ class PolicyTableTests(unittest.TestCase):
             if policy.port_forwarding:
                 self.assertEqual(policy.listen_choices(host), choices, options)
 
+    def test_command_names_agree(self) -> None:
+        """command= accepts exactly the commands the server has."""
+        from nuttconch import commands, policy
+
+        self.assertEqual(policy.COMMAND_NAMES, frozenset(commands.COMMANDS))
+
     def test_expiry(self) -> None:
         """expiry-time is local time unless it ends in Z; expired from that second on."""
         self.assertEqual(parse_expiry("20300101Z"), calendar.timegm((2030, 1, 1, 0, 0, 0)))

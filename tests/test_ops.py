@@ -17,7 +17,8 @@ from twisted.web import resource, server
 
 from nuttconch import config as configmod
 from nuttconch import metrics as metricsmod
-from nuttconch import web, webhooks
+from nuttconch import webhooks
+from nuttconch.tap import install_operations
 
 from .harness import SwitchboardTestMixin, listen_echo
 
@@ -47,7 +48,7 @@ class OpsTestMixin(SwitchboardTestMixin):
     def startServer(self, **overrides: str) -> Any:
         super().startServer(**overrides)
         self.parent = service.MultiService()
-        web.install(self.factory, self.config, self.parent)
+        install_operations(self.factory, self.config, self.parent)
         self.metrics = self.factory.metrics
         self.parent.startService()
         self.addCleanup(self.parent.stopService)
@@ -260,6 +261,11 @@ class WebhookTests(WebhookMixin, unittest.TestCase):
         self.assertTrue(up["fingerprint"].startswith("SHA256:"))
         self.assertEqual(opened["target"], f"{name}:80")
         self.assertIn("latency", opened)
+        # The registry's listener id is for the server's own observers, not the body.
+        self.assertEqual(
+            sorted(opened), ["circuit_id", "client", "event", "latency", "seq", "server",
+                             "target", "time"]
+        )  # fmt: skip
         self.assertEqual((closed["bytes_up"], closed["bytes_down"]), (4, 4))
         self.assertIn("duration", closed)
         self.assertEqual([b["seq"] for b in self.receiver.bodies], [1, 2, 3, 4])

@@ -27,7 +27,7 @@ from nuttconch.auth import (
 )
 from nuttconch.authkeys import AuthorizedKeysFile
 from nuttconch.names import InvalidName
-from nuttconch.registry import EPHEMERAL_PORTS, InMemoryRegistry, Listener, NotFound, PortInUse
+from nuttconch.registry import InMemoryRegistry, Listener
 
 SECRET = b"s" * 32
 SIG_DATA = b"\x00\x00\x00\x20session-identifier-for-the-tests\x32userauth-request"
@@ -77,17 +77,16 @@ DEFAULT_VALUES = {
     "macs": (
         b"hmac-sha2-256-etm@openssh.com",
         b"hmac-sha2-512-etm@openssh.com",
-        b"hmac-sha2-256",
-        b"hmac-sha2-512",
     ),
     "kex_algorithms": (
         b"mlkem768x25519-sha256",
         b"curve25519-sha256",
         b"curve25519-sha256@libssh.org",
-        b"ecdh-sha2-nistp256",
-        b"ecdh-sha2-nistp384",
-        b"ecdh-sha2-nistp521",
     ),
+    "authorized_keys_command": (),
+    "authorized_keys_command_timeout": 5.0,
+    "authorized_keys_command_max_output": 65536,
+    "authorized_keys_command_cache": 60.0,
     "listen": "",
     "per_name_labels": False,
     "allowed_hosts": (),
@@ -431,154 +430,6 @@ class NamesTests(unittest.TestCase):
         """Plain printable ASCII passes through unchanged."""
         for text in ["", "host-1", "SHA256:abc+/=", "a b (c) [d] {e} 'f' ~g"]:
             self.assertEqual(names.escape(text), text)
-
-
-# ---------------------------------------------------------------------------
-# registry
-
-
-class _FirstRng:
-    """A deterministic stand-in for SystemRandom: samples in population order."""
-
-    def sample(self, population, k):  # type: ignore[no-untyped-def]
-        return list(population)[:k]
-
-
-class RegistryTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.registry = InMemoryRegistry()
-        self.events: list[tuple[str, str, int | None]] = []
-        self.registry.observers.append(
-            lambda event, listener, port: self.events.append((event, listener.hostname, port))
-        )
-
-    def listener(self, hostname: str, *aliases: str) -> Listener:
-        return Listener(hostname, (f"{hostname}-abcdefg", *aliases), peer="192.0.2.1")
-
-    def assertEmpty(self) -> None:
-        self.assertEqual(self.registry._names, {})
-        self.assertEqual(self.registry._active, {})
-        self.assertEqual(self.registry.listeners(), [])
-
-    def test_add_resolve_remove(self) -> None:
-        """A port added under a listener's aliases resolves until it is removed."""
-        one = self.listener("one", "web")
-        self.assertEqual(self.registry.add_port(one, "localhost", 80), 80)
-        self.assertEqual(self.registry.resolve("web", 80), (one, "localhost"))
-        self.assertEqual(self.registry.resolve("one-abcdefg", 80), (one, "localhost"))
-        self.assertEqual(self.registry.resolve("WEB", 80), (one, "localhost"))
-        self.assertTrue(self.registry.remove_port(one, 80))
-        self.assertFalse(self.registry.remove_port(one, 80))
-        self.assertRaises(NotFound, self.registry.resolve, "web", 80)
-        self.assertEmpty()
-
-    def test_hostname_alone_does_not_route(self) -> None:
-        """The bare hostname is not a route unless it is also an alias."""
-        one = self.listener("one")
-        self.registry.add_port(one, "", 80)
-        self.assertRaises(NotFound, self.registry.resolve, "one", 80)
-
-    def test_newest_first(self) -> None:
-        """name and name~0 reach the newest holder, name~1 the one before; leaving moves them up."""
-        old = self.listener("old", "web")
-        new = self.listener("new", "web")
-        self.registry.add_port(old, "", 80)
-        self.registry.add_port(new, "", 80)
-        self.assertIs(self.registry.resolve("web", 80)[0], new)
-        self.assertIs(self.registry.resolve("web~0", 80)[0], new)
-        self.assertIs(self.registry.resolve("web~1", 80)[0], old)
-        self.assertEqual(self.registry.listeners(), [new, old])
-        self.registry.remove_listener(new)
-        self.assertIs(self.registry.resolve("web", 80)[0], old)
-        self.assertRaises(NotFound, self.registry.resolve, "web~1", 80)
-
-    def test_not_found_messages(self) -> None:
-        """Unknown names, indexes and ports each say what was not found."""
-        one = self.listener("one", "web")
-        two = self.listener("two", "web")
-        self.registry.add_port(one, "", 80)
-        self.registry.add_port(two, "", 80)
-        exc = self.assertRaises(NotFound, self.registry.resolve, "nosuch", 80)
-        self.assertEqual(str(exc), "no such listener: nosuch")
-        exc = self.assertRaises(NotFound, self.registry.resolve, "web~2", 80)
-        self.assertEqual(str(exc), "no such listener: web~2 (2 hold web)")
-        exc = self.assertRaises(NotFound, self.registry.resolve, "web", 81)
-        self.assertEqual(str(exc), "no such port: web has no port 81")
-
-    def test_port_zero_allocates(self) -> None:
-        """Port 0 gets a free ephemeral port that the listener does not already hold."""
-        one = self.listener("one", "web")
-        seen = set()
-        for _ in range(20):
-            port = self.registry.add_port(one, "", 0)
-            self.assertIn(port, EPHEMERAL_PORTS)
-            self.assertNotIn(port, seen)
-            seen.add(port)
-        self.assertEqual(set(one.ports), seen)
-
-    def test_port_zero_skips_held_ports(self) -> None:
-        """Port 0 still finds a free port when the first candidates are all held."""
-        registry = InMemoryRegistry(rng=_FirstRng())  # type: ignore[arg-type]
-        one = self.listener("one", "web")
-        for port in range(49152, 49152 + 64):
-            registry.add_port(one, "", port)
-        port = registry.add_port(one, "", 0)
-        self.assertIn(port, EPHEMERAL_PORTS)
-        self.assertEqual(len(one.ports), 65)
-
-    def test_duplicate_port(self) -> None:
-        """One listener asking twice for a port gets PortInUse; another listener may share it."""
-        one = self.listener("one", "web")
-        two = self.listener("two", "web")
-        self.registry.add_port(one, "", 80)
-        self.assertRaises(PortInUse, self.registry.add_port, one, "", 80)
-        self.assertEqual(self.registry.add_port(two, "", 80), 80)
-
-    def test_no_ports_not_resolvable(self) -> None:
-        """A listener that holds no port has no registered name."""
-        one = self.listener("one", "web")
-        self.assertRaises(NotFound, self.registry.resolve, "web", 80)
-        self.registry.add_port(one, "", 80)
-        self.registry.remove_port(one, 80)
-        self.assertRaises(NotFound, self.registry.resolve, "web", 80)
-        self.assertEmpty()
-
-    def test_observer_events(self) -> None:
-        """Observers see up, port-added, port-removed and down, in that order."""
-        one = self.listener("one", "web")
-        self.registry.add_port(one, "", 80)
-        self.registry.add_port(one, "", 81)
-        self.registry.remove_port(one, 80)
-        self.registry.remove_listener(one)
-        self.assertEqual(
-            self.events,
-            [
-                ("up", "one", None),
-                ("port-added", "one", 80),
-                ("port-added", "one", 81),
-                ("port-removed", "one", 80),
-                ("port-removed", "one", 81),
-                ("down", "one", None),
-            ],
-        )
-
-    def test_remove_listener_leaves_nothing(self) -> None:
-        """After remove_listener no name, port or entry of it remains."""
-        one = self.listener("one", "web", "db")
-        two = self.listener("two", "web")
-        for port in (80, 81, 82):
-            self.registry.add_port(one, "", port)
-        self.registry.add_port(two, "", 80)
-        self.registry.remove_listener(one)
-        self.assertEqual(one.ports, {})
-        self.assertEqual(sorted(self.registry._names), ["two-abcdefg", "web"])
-        self.registry.remove_listener(two)
-        self.assertEmpty()
-        self.registry.remove_listener(two)
-        self.assertEqual(
-            [e for e in self.events if e[0] == "down"],
-            [("down", "one", None)] + [("down", "two", None)],
-        )
 
 
 # ---------------------------------------------------------------------------
