@@ -33,6 +33,7 @@ from . import authkeys
 from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
+from .policy import UNRESTRICTED, KeyPolicy, format_time
 
 log = Logger()
 
@@ -65,6 +66,10 @@ class Identity:
     peer: str = ""
     new_key: bool = False
     lineno: int = 0
+    #: The key options in force (expiry, forwarding, pty, command); see policy.py.
+    policy: KeyPolicy = UNRESTRICTED
+    #: The client's forward-confirmed host name, if a from= hostname pattern asked.
+    peer_name: str | None = None
     # Admitted by a line from authorized_keys_command, not from the file.
     external: bool = False
 
@@ -81,6 +86,9 @@ class ConnectionInfo:
     conn_id: int = 0
     # The key of the latest attempt, for refusal logs and events.
     fingerprint: str = ""
+    # The forward-confirmed host name of ``peer`` (None: none, or not looked up).
+    peer_name: str | None = None
+    names_checked: bool = False
 
 
 fingerprint = authkeys.fingerprint_of
@@ -175,10 +183,15 @@ class AuthorizedKeysChecker:
         enable_auth: bool = True,
         allow_new_clients: bool = True,
         first_use: FirstUseLimiter | None = None,
+        names: Any = None,
+        clock: Callable[[], float] = time.time,
         key_command: Any = None,
     ) -> None:
         self.key_command = key_command
         self.keys_file = keys_file
+        #: hostnames.VerifiedNames for from= hostname patterns, or None (use_dns off).
+        self.names = names
+        self.clock = clock
         self.secret = secret
         self.enable_auth = enable_auth
         self.allow_new_clients = allow_new_clients
@@ -196,7 +209,7 @@ class AuthorizedKeysChecker:
             return self._decide(credentials, info, username, key, None)
         fresh, entry = self.keys_file.cached_lookup(credentials.blob)
         if fresh:
-            return self._decide(credentials, info, username, key, entry)
+            return self._withNames(credentials, info, username, key, entry)
         if self.keys_file.reload_cost() <= authkeys.INLINE_RELOAD_BYTES:
             # A small change: read it here, unless a writer holds the lock.
             try:
@@ -206,14 +219,38 @@ class AuthorizedKeysChecker:
             except authkeys.AuthorizedKeysUnavailable:
                 _refuse_unavailable(Failure())
             else:
-                return self._decide(credentials, info, username, key, entry)
+                return self._withNames(credentials, info, username, key, entry)
         # The file changed since the last look: read it in a thread (a big
         # file must not stall the reactor) and wait there for a writer's
         # lock, so that the login is decided on what the file says now.
         d = threads.deferToThread(self.keys_file.lookup, credentials.blob, authkeys.LOGIN_LOCK_WAIT)
         d.addErrback(_refuse_unavailable)
-        d.addCallback(lambda found: self._decide(credentials, info, username, key, found))
+        d.addCallback(lambda found: self._withNames(credentials, info, username, key, found))
         return d
+
+    def _withNames(
+        self,
+        credentials: Any,
+        info: ConnectionInfo,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+        external: bool = False,
+    ) -> Any:
+        """Look the client's host name up first if, and only if, this key's from= needs it."""
+        if (
+            self.names is None
+            or info.names_checked
+            or entry is None
+            or not authkeys.wants_hostname(entry)
+        ):
+            return self._decide(credentials, info, username, key, entry, external)
+
+        def named(name: str | None) -> Any:
+            info.peer_name, info.names_checked = name, True
+            return self._decide(credentials, info, username, key, entry, external)
+
+        return self.names.lookup(info.peer).addCallback(named)
 
     def _screen(self, credentials: Any, info: ConnectionInfo) -> tuple[str, keys.Key]:
         """What is refused whatever the file says: bad names, keys and algorithms."""
@@ -269,7 +306,7 @@ class AuthorizedKeysChecker:
             return self._ask_command(credentials, info, username, key)
         if self.enable_auth:
             if entry is not None:
-                self._enforce(entry, info)
+                self._enforce(entry, info, self.clock())
             elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
             else:
@@ -312,7 +349,7 @@ class AuthorizedKeysChecker:
             )
 
         d.addCallbacks(
-            lambda found: self._decide(credentials, info, username, key, found, external=True),
+            lambda found: self._withNames(credentials, info, username, key, found, external=True),
             failed,
         )
         return d
@@ -337,7 +374,7 @@ class AuthorizedKeysChecker:
             # It gets the whole policy, exactly like a line found at probe.
             if current is None:
                 raise Refused("this key is not authorized", reason="unknown key")
-            self._enforce(current, info)
+            self._enforce(current, info, self.clock())
             new = current.lineno != 0 and current == entry
             if new:
                 log.info(
@@ -364,14 +401,31 @@ class AuthorizedKeysChecker:
         return d
 
     @staticmethod
-    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo) -> None:
+    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo, now: float) -> None:
         """Every option of ``entry`` that can refuse a login, for any path to a login."""
         if entry.denied:
             raise Refused("this key is denied", reason="denied")
         if entry.cert_authority:
             raise Refused("this key is not authorized", reason="unknown key")
-        if not authkeys.from_allows(entry, info.peer):
+        if entry.policy_error is not None:
+            log.info(
+                "conn {conn_id}: authorized_keys line {lineno}: {why}; key {fingerprint} refused",
+                conn_id=info.conn_id,
+                lineno=entry.lineno,
+                why=entry.policy_error,
+                fingerprint=entry.fingerprint,
+            )
+            raise Refused(
+                f"this key's authorized_keys line {entry.lineno} has an option the server"
+                " cannot honour; ask its operator",
+                reason="bad option",
+            )
+        if not authkeys.from_allows(entry, info.peer, info.peer_name):
             raise Refused(f"this key is not allowed from {info.peer}", reason="from")
+        if entry.policy.expired(now):
+            raise Refused(
+                f"this key expired on {format_time(entry.policy.expires)}", reason="expired"
+            )
 
     def _identity(
         self,
@@ -396,6 +450,8 @@ class AuthorizedKeysChecker:
             key_blob=blob,
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
+            policy=entry.policy if entry is not None else UNRESTRICTED,
+            peer_name=info.peer_name,
         )
 
 

@@ -28,6 +28,7 @@ from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+from .hostnames import VerifiedNames
 from .keycommand import KeyCommand
 from .logs import make_observer
 from .registry import InMemoryRegistry
@@ -159,6 +160,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         first_use=FirstUseLimiter(
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
+        names=VerifiedNames(clock) if cfg.use_dns else None,
         key_command=_key_command(cfg, clock),
     )
     if not cfg.enable_auth:
