@@ -177,6 +177,13 @@ SCHEMA: tuple[Setting, ...] = (
         "%(host_key_dir)s/authorized_keys",
         "authorized_keys in OpenSSH format",
     ),
+    Setting(
+        "keys",
+        "revoked_keys_file",
+        _text,
+        "",
+        "revoked keys: a public key list or an OpenSSH KRL (empty: none)",
+    ),
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
     Setting("server", "max_auth_tries", _int_range(1, 100), "6", "auth attempts per connection"),

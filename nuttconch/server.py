@@ -18,7 +18,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from . import authkeys
+from . import authkeys, certs
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
 from .connection import SwitchboardConnection
@@ -198,7 +198,11 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         if not self.config.enable_auth:
             return
         for avatar in list(self.avatars):
-            entry = self.keysFile.resolve(avatar.identity.key_blob)
+            login = avatar.identity.certificate
+            if login is not None:
+                entry = self.keysFile.resolve(login.ca_blob, ca=True)
+            else:
+                entry = self.keysFile.resolve(avatar.identity.key_blob)
             why = self._stillAuthorized(avatar, entry)
             if why is None:
                 self._applyAccess(avatar, entry)
@@ -216,7 +220,11 @@ class SwitchboardFactory(conch_factory.SSHFactory):
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
         """A changed access= takes effect at once on the live connection."""
-        access = frozenset(entry.access - {"denied"}) if entry is not None else None
+        access = (
+            certs.forwarding_access(entry.access - {"denied"}, avatar.identity.certificate)
+            if entry is not None
+            else None
+        )
         if access is not None and access != avatar.identity.access:
             log.info(
                 "conn {conn_id}: access of {fingerprint} is now {access}",
@@ -236,6 +244,11 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key no longer allowed from this address"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
+        if identity.certificate is not None:
+            # Names come from the certificate; its CA line may not name hosts.
+            if entry.hostname is not None or entry.aliases:
+                return "the certificate authority's line now gives hostname= or alias="
+            return None
         try:
             hostname, aliases = login_names(
                 self.checker.secret, identity.username, identity.key_blob, entry

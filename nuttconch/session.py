@@ -47,6 +47,9 @@ class SwitchboardSession(conch_session.SSHSession):
         if not avatar.config.allow_pty:
             log.info("pty request refused: allow_pty is off")
             return 0
+        if _pty_denied(avatar.identity):
+            log.info("pty request refused: the certificate lacks permit-pty")
+            return 0
         return int(super().request_pty_req(data))
 
     def request_exec(self, data: bytes) -> int:
@@ -148,6 +151,19 @@ class _Sink(protocol.Protocol):
             self.onData(data)
 
 
+def _pty_denied(identity: Any) -> bool:
+    login = getattr(identity, "certificate", None)
+    return login is not None and not login.permit_pty
+
+
+def _forced_command(identity: Any) -> bytes | None:
+    """A certificate's force-command, which replaces whatever the client asked to run."""
+    login = getattr(identity, "certificate", None)
+    if login is None or login.force_command is None:
+        return None
+    return str(login.force_command).encode("utf-8")
+
+
 @implementer(ISession)
 class SessionHandler:
     """One session channel's behaviour; adapted from the avatar per channel."""
@@ -171,6 +187,8 @@ class SessionHandler:
         avatar: Any = self.avatar
         if not avatar.config.allow_pty:
             raise PermissionError("pty requests are disabled on this server")
+        if _pty_denied(avatar.identity):
+            raise PermissionError("the certificate does not permit a pty")
         self.pty = True
 
     def windowChanged(self, newWindowSize: Any) -> None:
@@ -184,6 +202,9 @@ class SessionHandler:
         self.proto = proto
 
     def execCommand(self, proto: Any, command: bytes) -> None:
+        forced = _forced_command(self.avatar.identity)
+        if forced is not None:
+            command = forced
         self._connect(proto, _Sink())
         log.info(
             "conn {conn_id}: {hostname} runs {command}",
@@ -202,6 +223,10 @@ class SessionHandler:
 
     def openShell(self, proto: Any) -> None:
         identity = self.avatar.identity
+        if _forced_command(identity) is not None:
+            # As sshd: a forced command is what every session runs, shell included.
+            self.execCommand(proto, b"")
+            return
         if self.pty and "admin" in identity.access and self.avatar.config.enable_shell:
             server, port = self._serverName
             terminal = insults.ServerProtocol(AdminShell, self.avatar, server, port)
