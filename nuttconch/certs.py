@@ -170,7 +170,9 @@ class Certificate:
 
     def describe(self) -> str:
         """For log lines: id, serial and CA, as OpenSSH's sshd logs a certificate."""
-        return f'ID "{_shown(self.key_id)}" serial {self.serial} CA {self.ca_fingerprint}'
+        return (
+            f'certificate ID "{_shown(self.key_id)}" serial {self.serial} CA {self.ca_fingerprint}'
+        )
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,8 @@ def parse(blob: bytes, alg_name: bytes | None = None) -> Certificate:
         raise CertificateError("malformed certificate")
     if cert.type != SSHCertificateType.USER:
         raise CertificateError("a host certificate cannot log in a user")
+    if len(cert.valid_principals) > MAX_PRINCIPALS:
+        raise CertificateError(f"the certificate names more than {MAX_PRINCIPALS} principals")
     try:
         ca_alg = _ca_signature_algorithm(blob, cert_type)
     except (CertificateError, struct.error):
@@ -299,8 +303,6 @@ def parse(blob: bytes, alg_name: bytes | None = None) -> Certificate:
         ca_blob = keys.Key(cert.signature_key()).blob()
     except (keys.BadKeyError, ValueError, TypeError) as exc:
         raise CertificateError(f"unsupported key in the certificate ({_shown(str(exc))})") from None
-    if len(cert.valid_principals) > MAX_PRINCIPALS:
-        raise CertificateError(f"the certificate names more than {MAX_PRINCIPALS} principals")
     try:
         principals = tuple(p.decode("utf-8") for p in cert.valid_principals)
         key_id = cert.key_id.decode("utf-8")

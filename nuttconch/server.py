@@ -236,6 +236,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
+        if entry is None and identity.certificate is not None:
+            return "its certificate authority removed from authorized_keys"
         if entry is None:
             return "key removed from authorized_keys"
         if entry.denied:
