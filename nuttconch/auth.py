@@ -613,10 +613,10 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
         signed = (
             NS(self.transport.sessionID)
             + bytes((userauth.MSG_USERAUTH_REQUEST,))
-            + NS(self.user)
-            + NS(self.nextService)
+            + NS(self.user or b"")
+            + NS(self.nextService or b"")
             + NS(b"publickey")
-            + b"\x01"
+            + packet[0:1]
             + NS(alg_name)
             + NS(blob)
         )
