@@ -633,15 +633,18 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         key = self.m.sign("live")
         proc = yield self.initiator(key, "dev42", f"8081:localhost:{echo}")
         self.addAuthorized(self.m.public("ca2"), 'access="list"', "unrelated")
-        self.factory.checkKeys()
-        yield self.waitFor(lambda: "conn" in self.logs.out.getvalue(), what="log")
+        self.factory.checkKeys()  # a small file: re-read and judged at once, here
+        self.assertIn(b"unrelated", self.factory.keysFile.entries()[-1].comment.encode())
+        self.assertNotIn("closing dev42", self.logs.out.getvalue())
         self.assertIsNone(proc.code)
         self.assertEqual(len(list(self.registry.listeners())), 1)
         with open(self.akfile, "w") as handle:
             handle.write(self.m.public("ca2") + " unrelated\n")
         self.factory.checkKeys()
         yield self.waitFor(lambda: proc.code is not None, what="ssh to be disconnected")
-        self.assertIn("certificate authority removed", self.logs.out.getvalue())
+        self.assertIn("closing dev42 (SHA256:", self.logs.out.getvalue())
+        self.assertIn("its certificate authority removed", self.logs.out.getvalue())
+        self.assertEqual(list(self.registry.listeners()), [])
 
 
 class RawCertificateAttackTests(SwitchboardTestMixin, unittest.TestCase):
