@@ -688,4 +688,36 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             access=",".join(sorted(avatar.identity.access)) or "none",
             new=" (new key)" if avatar.identity.new_key else _certificate_text(avatar.identity),
         )
+        login = avatar.identity.certificate
+        if login is not None and login.valid_before != certs.FOREVER:
+            result = (result[0], avatar, self._expireAt(login, logout))
         super()._cbFinishedAuth(result)
+
+    def _expireAt(self, login: certs.CertLogin, logout: Callable[[], None]) -> Callable[[], None]:
+        """A certificate's connection ends when the certificate does, as an expired key's.
+
+        Returns the logout to use instead, which also cancels the timer, so a
+        year-long certificate does not keep a closed connection in memory.
+        """
+        transport = self.transport
+        conn_id = self.info.conn_id
+
+        def expired() -> None:
+            if transport.transport is None or transport.transport.disconnecting:
+                return
+            log.info(
+                "conn {conn_id}: {certificate} expired; closing",
+                conn_id=conn_id,
+                certificate=login.describe(),
+            )
+            transport.sendDisconnect(11, b"certificate expired")
+
+        delay = max(0.0, login.valid_before - time.time())
+        call = self.clock.callLater(delay, expired)
+
+        def cancelAndLogout() -> None:
+            if call.active():
+                call.cancel()
+            logout()
+
+        return cancelAndLogout

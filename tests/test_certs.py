@@ -647,6 +647,28 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertEqual(list(self.registry.listeners()), [])
 
 
+class CertificateExpiryTests(SwitchboardTestMixin, unittest.TestCase):
+    """A connection made with a certificate ends when the certificate expires."""
+
+    settings = {"allow_new_clients": "false"}
+
+    @defer.inlineCallbacks
+    def test_expiry_drops_connection(self) -> Any:
+        """A certificate valid for 10 more seconds: the initiator is in, then dropped at
+        expiry with a log line naming the certificate; its port is gone."""
+        m = maker()
+        logs = LogCapture().start(self)
+        self.addAuthorized(m.public("ca"), 'cert-authority,access="initiate"', "fleet CA")
+        echo = listen_echo(self, b"dev:")
+        key = m.sign("short", validity="-1m:+10s", ident="short-lived")
+        proc = yield self.initiator(key, "dev42", f"8082:localhost:{echo}")
+        self.assertIsNone(proc.code)
+        yield self.waitFor(lambda: proc.code is not None, timeout=40, what="expiry")
+        self.assertIn('certificate ID "short-lived" serial 0 CA', logs.out.getvalue())
+        self.assertIn("expired; closing", logs.out.getvalue())
+        self.assertEqual(list(self.registry.listeners()), [])
+
+
 class RawCertificateAttackTests(SwitchboardTestMixin, unittest.TestCase):
     """Crafted USERAUTH_REQUESTs carrying certificates: refused with a banner, never a crash."""
 
