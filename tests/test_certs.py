@@ -53,6 +53,7 @@ class CertMaker:
         for name in ("ca", "ca2", "user"):
             _keygen("-t", "ed25519", "-N", "", "-C", name, "-f", name, cwd=directory)
         _keygen("-t", "ecdsa", "-N", "", "-C", "ca-ecdsa", "-f", "ca-ecdsa", cwd=directory)
+        _keygen("-t", "rsa", "-b", "2048", "-N", "", "-C", "rsa", "-f", "rsa", cwd=directory)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -514,6 +515,17 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIn('with certificate ID "dev42-id" serial 0 CA SHA256:', log)
         self.assertIn('certificate ID "dev42-id" serial 0 CA', log)
         self.assertIn("refused: the certificate expired at", log)
+
+    @defer.inlineCallbacks
+    def test_rsa_key_ecdsa_ca(self) -> Any:
+        """An RSA key certified by an ECDSA CA: OpenSSH offers rsa-sha2-512-cert-v01 and
+        it logs in; the same CA's line with access="list" gives exactly that."""
+        self.addAuthorized(self.m.public("ca-ecdsa"), 'cert-authority,access="list"', "ecdsa CA")
+        key = self.m.sign("rsa-cert", ca="ca-ecdsa", key="rsa", ident="rsa-dev")
+        out, err, code = yield self.ssh(key, "dev42", command=("whoami",))
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"access: list\n", out)
+        self.assertIn('with certificate ID "rsa-dev"', self.logs.out.getvalue())
 
     @defer.inlineCallbacks
     def test_force_command(self) -> Any:
