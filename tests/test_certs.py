@@ -528,6 +528,21 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIn('with certificate ID "rsa-dev"', self.logs.out.getvalue())
 
     @defer.inlineCallbacks
+    def test_denied_key_and_denied_ca(self) -> Any:
+        """A certified key whose own line says access="denied" is refused, and so is every
+        certificate of a CA whose line is denied."""
+        key = self.m.sign("den")
+        self.addAuthorized(self.m.public("user"), 'access="denied"', "stolen")
+        out, err, code = yield self.ssh(key, "dev42", command=("whoami",))
+        self.assertEqual(code, 255, out)
+        self.assertIn(b"nuttconch: this key is denied", err)
+        with open(self.akfile, "w") as handle:
+            handle.write(f'access="denied",{self.CA_OPTIONS} {self.m.public("ca")}\n')
+        out, err, code = yield self.ssh(key, "dev42", command=("whoami",))
+        self.assertEqual(code, 255, out)
+        self.assertIn(b"nuttconch: this certificate's authority is denied", err)
+
+    @defer.inlineCallbacks
     def test_force_command(self) -> Any:
         """force-command replaces what the client asks for (here `listeners`) and the shell."""
         key = self.m.sign("forced", options=("force-command=whoami",))
