@@ -179,6 +179,22 @@ class CheckTableTests(unittest.SynchronousTestCase):
             {},
         ),
         (
+            "source-address IPv6",
+            {"options": ("source-address=2001:db8::/32,10.0.0.0/8",)},
+            "dev42",
+            "2001:db8::7",
+            (),
+            {},
+        ),
+        (
+            "source-address IPv6 mismatch",
+            {"options": ("source-address=2001:db8::/32",)},
+            "dev42",
+            "2001:db9::7",
+            (),
+            "not valid from 2001:db9::7",
+        ),
+        (
             "force-command",
             {"options": ("force-command=whoami",)},
             "dev42",
