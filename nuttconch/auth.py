@@ -34,6 +34,7 @@ from . import authkeys, certs
 from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
+from .policy import UNRESTRICTED, KeyPolicy, PolicyError, format_time
 
 log = Logger()
 
@@ -66,6 +67,10 @@ class Identity:
     peer: str = ""
     new_key: bool = False
     lineno: int = 0
+    #: The key options in force (expiry, forwarding, pty, command); see policy.py.
+    policy: KeyPolicy = UNRESTRICTED
+    #: The client's forward-confirmed host name, if a from= hostname pattern asked.
+    peer_name: str | None = None
     # Set when the login used an OpenSSH certificate (its CA's line is ``lineno``).
     certificate: certs.CertLogin | None = None
 
@@ -82,6 +87,9 @@ class ConnectionInfo:
     conn_id: int = 0
     # The key of the latest attempt, for refusal logs and events.
     fingerprint: str = ""
+    # The forward-confirmed host name of ``peer`` (None: none, or not looked up).
+    peer_name: str | None = None
+    names_checked: bool = False
 
 
 fingerprint = authkeys.fingerprint_of
@@ -176,10 +184,15 @@ class AuthorizedKeysChecker:
         enable_auth: bool = True,
         allow_new_clients: bool = True,
         first_use: FirstUseLimiter | None = None,
+        names: Any = None,
+        clock: Callable[[], float] = time.time,
         revoked: certs.RevokedKeys | None = None,
     ) -> None:
         self.keys_file = keys_file
         self.revoked = revoked
+        #: hostnames.VerifiedNames for from= hostname patterns, or None (use_dns off).
+        self.names = names
+        self.clock = clock
         self.secret = secret
         self.enable_auth = enable_auth
         self.allow_new_clients = allow_new_clients
@@ -200,7 +213,7 @@ class AuthorizedKeysChecker:
         blob, ca = (cert.ca_blob, True) if cert is not None else (credentials.blob, False)
         fresh, entry = self.keys_file.cached_lookup(blob, ca=ca)
         if fresh:
-            return self._decide(credentials, info, username, key, entry)
+            return self._withNames(credentials, info, username, key, entry)
         if self.keys_file.reload_cost() <= authkeys.INLINE_RELOAD_BYTES:
             # A small change: read it here, unless a writer holds the lock.
             try:
@@ -210,14 +223,37 @@ class AuthorizedKeysChecker:
             except authkeys.AuthorizedKeysUnavailable:
                 _refuse_unavailable(Failure())
             else:
-                return self._decide(credentials, info, username, key, entry)
+                return self._withNames(credentials, info, username, key, entry)
         # The file changed since the last look: read it in a thread (a big
         # file must not stall the reactor) and wait there for a writer's
         # lock, so that the login is decided on what the file says now.
         d = threads.deferToThread(self.keys_file.lookup, blob, authkeys.LOGIN_LOCK_WAIT, ca=ca)
         d.addErrback(_refuse_unavailable)
-        d.addCallback(lambda found: self._decide(credentials, info, username, key, found))
+        d.addCallback(lambda found: self._withNames(credentials, info, username, key, found))
         return d
+
+    def _withNames(
+        self,
+        credentials: Any,
+        info: ConnectionInfo,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+    ) -> Any:
+        """Look the client's host name up first if, and only if, this key's from= needs it."""
+        if (
+            self.names is None
+            or info.names_checked
+            or entry is None
+            or not authkeys.wants_hostname(entry)
+        ):
+            return self._decide(credentials, info, username, key, entry)
+
+        def named(name: str | None) -> Any:
+            info.peer_name, info.names_checked = name, True
+            return self._decide(credentials, info, username, key, entry)
+
+        return self.names.lookup(info.peer).addCallback(named)
 
     def _screen(self, credentials: Any, info: ConnectionInfo) -> tuple[str, keys.Key]:
         """What is refused whatever the file says: bad names, keys and algorithms."""
@@ -304,7 +340,7 @@ class AuthorizedKeysChecker:
             login = self._certificate_allowed(cert, username, info, entry)
         elif self.enable_auth:
             if entry is not None:
-                self._enforce(entry, info)
+                self._enforce(entry, info, self.clock())
             elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
             else:
@@ -322,10 +358,10 @@ class AuthorizedKeysChecker:
             raise Refused("bad signature", reason="bad signature")
         if not self.enable_auth:
             return self._identity(username, key, None, ALL_ACCESS, info)
-        if login is not None:
-            access = certs.forwarding_access(entry.access - {"denied"}, login)  # type: ignore[union-attr]
-            identity = self._identity(username, key, entry, access, info)
-            return Identity(**{**identity.__dict__, "certificate": login})
+        if login is not None and entry is not None:
+            identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+            policy = certs.login_policy(entry.policy, login)
+            return Identity(**{**identity.__dict__, "certificate": login, "policy": policy})
         if entry is None:
             self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
@@ -351,7 +387,7 @@ class AuthorizedKeysChecker:
             # It gets the whole policy, exactly like a line found at probe.
             if current is None:
                 raise Refused("this key is not authorized", reason="unknown key")
-            self._enforce(current, info)
+            self._enforce(current, info, self.clock())
             new = current.lineno != 0 and current == entry
             if new:
                 log.info(
@@ -389,7 +425,7 @@ class AuthorizedKeysChecker:
             raise Refused("this certificate's authority is not trusted here", reason="unknown CA")
         if entry.denied:
             raise Refused("this certificate's authority is denied", reason="denied")
-        self._enforce(entry, info, ca=True)
+        self._enforce(entry, info, self.clock(), ca=True)
         if entry.hostname is not None or entry.aliases:
             raise Refused(
                 f"authorized_keys line {entry.lineno}: a cert-authority line cannot give"
@@ -400,14 +436,16 @@ class AuthorizedKeysChecker:
         if own is not None and own.denied:
             raise Refused("this key is denied", reason="denied")
         try:
-            return certs.check(
+            login = certs.check(
                 cert,
                 username,
                 info.peer,
-                time.time(),
+                self.clock(),
                 tuple(v for n, v in entry.options if n == "principals" and v is not None),
             )
-        except certs.CertificateError as exc:
+            certs.login_policy(entry.policy, login)
+            return login
+        except (certs.CertificateError, PolicyError) as exc:
             log.info(
                 "conn {conn_id}: {certificate} (authority on line {lineno}) refused: {why}",
                 conn_id=info.conn_id,
@@ -418,14 +456,33 @@ class AuthorizedKeysChecker:
             raise Refused(str(exc), reason="certificate refused") from None
 
     @staticmethod
-    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo, ca: bool = False) -> None:
+    def _enforce(
+        entry: authkeys.AuthorizedKey, info: ConnectionInfo, now: float, ca: bool = False
+    ) -> None:
         """Every option of ``entry`` that can refuse a login, for any path to a login."""
         if entry.denied:
             raise Refused("this key is denied", reason="denied")
         if entry.cert_authority != ca:
             raise Refused("this key is not authorized", reason="unknown key")
-        if not authkeys.from_allows(entry, info.peer):
+        if entry.policy_error is not None:
+            log.info(
+                "conn {conn_id}: authorized_keys line {lineno}: {why}; key {fingerprint} refused",
+                conn_id=info.conn_id,
+                lineno=entry.lineno,
+                why=entry.policy_error,
+                fingerprint=entry.fingerprint,
+            )
+            raise Refused(
+                f"this key's authorized_keys line {entry.lineno} has an option the server"
+                " cannot honour; ask its operator",
+                reason="bad option",
+            )
+        if not authkeys.from_allows(entry, info.peer, info.peer_name):
             raise Refused(f"this key is not allowed from {info.peer}", reason="from")
+        if entry.policy.expired(now):
+            raise Refused(
+                f"this key expired on {format_time(entry.policy.expires)}", reason="expired"
+            )
 
     def _identity(
         self,
@@ -450,6 +507,8 @@ class AuthorizedKeysChecker:
             key_blob=blob,
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
+            policy=entry.policy if entry is not None else UNRESTRICTED,
+            peer_name=info.peer_name,
         )
 
 
@@ -688,36 +747,4 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             access=",".join(sorted(avatar.identity.access)) or "none",
             new=" (new key)" if avatar.identity.new_key else _certificate_text(avatar.identity),
         )
-        login = avatar.identity.certificate
-        if login is not None and login.valid_before != certs.FOREVER:
-            result = (result[0], avatar, self._expireAt(login, logout))
         super()._cbFinishedAuth(result)
-
-    def _expireAt(self, login: certs.CertLogin, logout: Callable[[], None]) -> Callable[[], None]:
-        """A certificate's connection ends when the certificate does, as an expired key's.
-
-        Returns the logout to use instead, which also cancels the timer, so a
-        year-long certificate does not keep a closed connection in memory.
-        """
-        transport = self.transport
-        conn_id = self.info.conn_id
-
-        def expired() -> None:
-            if transport.transport is None or transport.transport.disconnecting:
-                return
-            log.info(
-                "conn {conn_id}: {certificate} expired; closing",
-                conn_id=conn_id,
-                certificate=login.describe(),
-            )
-            transport.sendDisconnect(11, b"certificate expired")
-
-        delay = max(0.0, login.valid_before - time.time())
-        call = self.clock.callLater(delay, expired)
-
-        def cancelAndLogout() -> None:
-            if call.active():
-                call.cancel()
-            logout()
-
-        return cancelAndLogout

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 from twisted.conch.ssh import keys
 
 from .names import escape
+from .policy import KeyPolicy, check_command
 
 __all__ = [
     "CERT_ALGORITHMS",
@@ -410,11 +411,25 @@ def check(
     )
 
 
-def forwarding_access(access: frozenset[str], login: CertLogin | None) -> frozenset[str]:
-    """A line's access as a certificate narrows it: no forwarding without the extension."""
-    if login is not None and not login.permit_port_forwarding:
-        return access - {"initiate", "listen"}
-    return access
+def policy_of(login: CertLogin) -> KeyPolicy:
+    """The certificate's own restrictions, in the terms of an authorized_keys line.
+
+    Raises `PolicyError` for a force-command that is not a nuttconch command
+    (it is all that certificate's sessions may run, so it cannot be ignored).
+    """
+    forever = login.valid_before >= FOREVER
+    return KeyPolicy(
+        expires=None if forever else float(login.valid_before),
+        expiry_text=None if forever else _utc(login.valid_before),
+        port_forwarding=login.permit_port_forwarding,
+        pty=login.permit_pty,
+        command=None if login.force_command is None else check_command(login.force_command),
+    )
+
+
+def login_policy(line: KeyPolicy, login: CertLogin) -> KeyPolicy:
+    """What a certificate login may do: its CA line's options narrowed by the certificate's."""
+    return line.narrowed(policy_of(login))
 
 
 # ---------------------------------------------------------------------------

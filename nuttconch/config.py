@@ -158,6 +158,13 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting("server", "allow_pty", _bool, "true", "accept pty requests"),
     Setting("server", "enable_shell", _bool, "true", "admin keys get an interactive shell"),
+    Setting(
+        "server",
+        "use_dns",
+        _bool,
+        "true",
+        "look up client host names (reverse, forward-confirmed) for from= hostname patterns",
+    ),
     Setting("keys", "host_key_dir", _text, "keys", "directory for host keys and secrets"),
     Setting(
         "keys", "host_key_ecdsa", _text, "%(host_key_dir)s/ssh_host_ecdsa_key", "ECDSA host key"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Any
 
 from twisted.conch.ssh import factory as conch_factory
@@ -25,6 +26,7 @@ from .connection import SwitchboardConnection
 from .limits import Penalties, Startups
 from .logs import conch_logger
 from .names import InvalidName
+from .policy import KeyPolicy, PolicyError
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -219,12 +221,8 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                     transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
-        """A changed access= takes effect at once on the live connection."""
-        access = (
-            certs.forwarding_access(entry.access - {"denied"}, avatar.identity.certificate)
-            if entry is not None
-            else None
-        )
+        """A changed access= or key option takes effect at once on the live connection."""
+        access = frozenset(entry.access - {"denied"}) if entry is not None else None
         if access is not None and access != avatar.identity.access:
             log.info(
                 "conn {conn_id}: access of {fingerprint} is now {access}",
@@ -233,6 +231,16 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 access=",".join(sorted(access)) or "none",
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
+        policy = _policyOf(avatar.identity, entry) if entry is not None else None
+        if policy is not None and policy != avatar.identity.policy:
+            log.info(
+                "conn {conn_id}: options of {fingerprint} are now: {options}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                options="; ".join(policy.describe()) or "no restrictions",
+            )
+            avatar.identity = dataclasses.replace(avatar.identity, policy=policy)
+            avatar.scheduleExpiry()
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
@@ -242,14 +250,26 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             return "key removed from authorized_keys"
         if entry.denied:
             return "key denied in authorized_keys"
-        if not authkeys.from_allows(entry, identity.peer):
+        if entry.policy_error is not None:
+            return f"authorized_keys line {entry.lineno} has an option that cannot be honoured"
+        if not authkeys.from_allows(entry, identity.peer, identity.peer_name):
             return "key no longer allowed from this address"
+        if entry.policy.expired(time.time()):
+            return "key expired"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
+        if avatar.listener is not None:
+            for port, bind_host in sorted(avatar.listener.ports.items()):
+                if entry.policy.listen_refusal(bind_host, port) is not None:
+                    return f"key's options no longer allow virtual port {port}"
         if identity.certificate is not None:
             # Names come from the certificate; its CA line may not name hosts.
             if entry.hostname is not None or entry.aliases:
                 return "the certificate authority's line now gives hostname= or alias="
+            try:
+                _policyOf(identity, entry)
+            except PolicyError as exc:
+                return f"the certificate authority's line and the certificate conflict: {exc}"
             return None
         try:
             hostname, aliases = login_names(
@@ -384,3 +404,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             waits.append(d)
             transport.sendDisconnect(11, reason)  # DISCONNECT_BY_APPLICATION
         return defer.DeferredList(waits)
+
+
+def _policyOf(identity: Any, entry: authkeys.AuthorizedKey) -> KeyPolicy:
+    """The policy a login with ``entry`` has now: a certificate's narrows its CA line's."""
+    login = identity.certificate
+    return entry.policy if login is None else certs.login_policy(entry.policy, login)

@@ -47,8 +47,14 @@ class SwitchboardSession(conch_session.SSHSession):
         if not avatar.config.allow_pty:
             log.info("pty request refused: allow_pty is off")
             return 0
-        if _pty_denied(avatar.identity):
-            log.info("pty request refused: the certificate lacks permit-pty")
+        if not avatar.identity.policy.pty:
+            log.info(
+                "conn {conn_id}: pty request refused: key {fingerprint} has no-pty or"
+                " restrict{cert}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                cert=_certificate_note(avatar.identity),
+            )
             return 0
         return int(super().request_pty_req(data))
 
@@ -151,17 +157,11 @@ class _Sink(protocol.Protocol):
             self.onData(data)
 
 
-def _pty_denied(identity: Any) -> bool:
+def _certificate_note(identity: Any) -> str:
     login = getattr(identity, "certificate", None)
-    return login is not None and not login.permit_pty
-
-
-def _forced_command(identity: Any) -> bytes | None:
-    """A certificate's force-command, which replaces whatever the client asked to run."""
-    login = getattr(identity, "certificate", None)
-    if login is None or login.force_command is None:
-        return None
-    return str(login.force_command).encode("utf-8")
+    if login is None or login.permit_pty:
+        return ""
+    return " (its certificate lacks permit-pty)"
 
 
 @implementer(ISession)
@@ -187,8 +187,6 @@ class SessionHandler:
         avatar: Any = self.avatar
         if not avatar.config.allow_pty:
             raise PermissionError("pty requests are disabled on this server")
-        if _pty_denied(avatar.identity):
-            raise PermissionError("the certificate does not permit a pty")
         self.pty = True
 
     def windowChanged(self, newWindowSize: Any) -> None:
@@ -202,16 +200,17 @@ class SessionHandler:
         self.proto = proto
 
     def execCommand(self, proto: Any, command: bytes) -> None:
-        forced = _forced_command(self.avatar.identity)
-        if forced is not None:
-            command = forced
         self._connect(proto, _Sink())
+        forced = self.avatar.identity.policy.command
         log.info(
-            "conn {conn_id}: {hostname} runs {command}",
+            "conn {conn_id}: {hostname} runs {command}{asked}",
             conn_id=self.avatar.info.conn_id,
             hostname=self.avatar.identity.hostname,
-            command=escape(command[:80]),
+            command=escape((forced.encode() if forced is not None else command)[:80]),
+            asked="" if forced is None else f" (command= of the key; asked {escape(command[:80])})",
         )
+        if forced is not None:
+            command = forced.encode("utf-8")
         result = commands.run(self.avatar, command)
         out = _crlf(result.out) if self.pty else result.out.encode("utf-8")
         err = _crlf(result.err) if self.pty else result.err.encode("utf-8")
@@ -223,8 +222,8 @@ class SessionHandler:
 
     def openShell(self, proto: Any) -> None:
         identity = self.avatar.identity
-        if _forced_command(identity) is not None:
-            # As sshd: a forced command is what every session runs, shell included.
+        if identity.policy.command is not None:
+            # As sshd: a key's command= replaces the shell too.
             self.execCommand(proto, b"")
             return
         if self.pty and "admin" in identity.access and self.avatar.config.enable_shell:

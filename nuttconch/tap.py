@@ -19,6 +19,7 @@ from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
 from .certs import RevokedKeys
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+from .hostnames import VerifiedNames
 from .logs import make_observer
 from .registry import InMemoryRegistry
 from .server import SwitchboardFactory
@@ -128,6 +129,7 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
         revoked=revoked,
+        names=VerifiedNames(reactor) if cfg.use_dns else None,
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")

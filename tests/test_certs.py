@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.python.procutils import which
 from twisted.trial import unittest
 
-from nuttconch import authkeys, certs
+from nuttconch import authkeys, certs, policy
 from nuttconch import config as configmod
 
 from .harness import SwitchboardTestMixin, listen_echo
@@ -271,17 +271,78 @@ class CheckTableTests(unittest.SynchronousTestCase):
         self.assertEqual(cert.ca_blob, m.blob("ca-ecdsa"))
         self.assertIn('ID "dev42-id" serial 77 CA SHA256:', cert.describe())
 
-    def test_forwarding_access(self) -> None:
+    def test_policy_table(self) -> None:
+        """The certificate as a KeyPolicy, and narrowed with its CA line's options."""
         m = maker()
-        full = frozenset({"initiate", "listen", "list", "admin"})
-        for option, expected in (
-            ((), full),
-            (("no-port-forwarding",), frozenset({"list", "admin"})),
-        ):
-            m.sign("t", options=option)
-            login = certs.check(certs.parse(m.cert_blob("t")), "dev42", "127.0.0.1", time.time())
-            self.assertEqual(certs.forwarding_access(full, login), expected, option)
-        self.assertEqual(certs.forwarding_access(full, None), full)
+        line = policy.KeyPolicy.from_options
+        rows: list[tuple[str, tuple[str, ...], str, Any, dict[str, Any] | str]] = [
+            (
+                "all permitted",
+                (),
+                "-5m:+1h",
+                line([]),
+                {"port_forwarding": True, "pty": True, "command": None},
+            ),  # fmt: skip
+            (
+                "no-port-forwarding",
+                ("no-port-forwarding",),
+                "-5m:+1h",
+                line([]),
+                {"port_forwarding": False, "pty": True},
+            ),  # fmt: skip
+            ("no-pty", ("no-pty",), "-5m:+1h", line([]), {"pty": False}),
+            (
+                "force-command",
+                ("force-command=whoami",),
+                "-5m:+1h",
+                line([]),
+                {"command": "whoami"},
+            ),  # fmt: skip
+            (
+                "force-command not a nuttconch command",
+                ("force-command=/bin/sh",),
+                "-5m:+1h",
+                line([]),
+                "not a nuttconch command",
+            ),  # fmt: skip
+            (
+                "CA line restrict wins",
+                (),
+                "-5m:+1h",
+                line([("restrict", None)]),
+                {"port_forwarding": False, "pty": False},
+            ),  # fmt: skip
+            (
+                "CA line command and force-command differ",
+                ("force-command=whoami",),
+                "-5m:+1h",
+                line([("command", "listeners")]),
+                "differ",
+            ),  # fmt: skip
+            ("expires with the certificate", (), "-5m:+1h", line([]), {"expires": "cert"}),
+            ("forever: no expiry", (), "always:forever", line([]), {"expires": None}),
+            (
+                "CA line expiry-time earlier",
+                (),
+                "always:forever",
+                line([("expiry-time", "20200101")]),
+                {"expires": 1577836800.0},
+            ),  # fmt: skip
+        ]
+        for label, options, validity, ca_policy, expected in rows:
+            m.sign("t", options=options, validity=validity)
+            cert = certs.parse(m.cert_blob("t"))
+            login = certs.check(cert, "dev42", "127.0.0.1", time.time())
+            if isinstance(expected, str):
+                with self.assertRaises(policy.PolicyError, msg=label) as caught:
+                    certs.login_policy(ca_policy, login)
+                self.assertIn(expected, str(caught.exception), label)
+                continue
+            result = certs.login_policy(ca_policy, login)
+            for attr, value in expected.items():
+                if value == "cert":
+                    value = float(cert.valid_before)
+                self.assertEqual(getattr(result, attr), value, f"{label}: {attr}")
 
 
 class HostileCertificateTests(unittest.SynchronousTestCase):
@@ -601,7 +662,7 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         out, err, code = yield self.ssh(key, "dev42", "-tt", command=("whoami",))
         self.assertIn(b"PTY allocation request failed", err)
         self.assertIn(
-            "pty request refused: the certificate lacks permit-pty", self.logs.out.getvalue()
+            "has no-pty or restrict (its certificate lacks permit-pty)", self.logs.out.getvalue()
         )
         key = self.m.sign("pty")
         out, err, code = yield self.ssh(key, "dev42", "-tt", command=("whoami",))
@@ -708,7 +769,8 @@ class CertificateExpiryTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIsNone(proc.code)
         yield self.waitFor(lambda: proc.code is not None, timeout=40, what="expiry")
         self.assertIn('certificate ID "short-lived" serial 0 CA', logs.out.getvalue())
-        self.assertIn("expired; closing", logs.out.getvalue())
+        self.assertIn("closing dev42 (SHA256:", logs.out.getvalue())
+        self.assertIn("): key expired", logs.out.getvalue())
         self.assertEqual(list(self.registry.listeners()), [])
 
 

@@ -43,6 +43,7 @@ DEFAULT_VALUES = {
     "first_use_max_keys": 10000,
     "allow_pty": True,
     "enable_shell": True,
+    "use_dns": True,
     "host_key_dir": "keys",
     "host_key_ecdsa": "keys/ssh_host_ecdsa_key",
     "host_key_ed25519": "keys/ssh_host_ed25519_key",
