@@ -751,6 +751,41 @@ class CertificateLoginTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertEqual(list(self.registry.listeners()), [])
 
 
+class CertificateAuthorityOptionsTests(SwitchboardTestMixin, unittest.TestCase):
+    """The CA line's own options (12.1) apply to its certificates, at login and live."""
+
+    settings = {"allow_new_clients": "false"}
+
+    def setLine(self, options: str) -> None:
+        with open(self.akfile, "w") as handle:
+            handle.write(f"{options} {maker().public('ca')} fleet CA\n")
+
+    @defer.inlineCallbacks
+    def test_ca_line_options(self) -> Any:
+        """expiry-time on the CA line refuses its certificates; a CA line that gains
+        no-port-forwarding closes an initiator holding a port; command= differing from the
+        certificate's force-command refuses the login."""
+        m = maker()
+        logs = LogCapture().start(self)
+        self.setLine('cert-authority,expiry-time="20200101",access="initiate"')
+        key = m.sign("caopt")
+        out, err, code = yield self.ssh(key, "dev42", command=("whoami",))
+        self.assertEqual(code, 255, out)
+        self.assertIn(b"nuttconch: this key expired on 2020-01-01", err)
+        self.setLine('cert-authority,access="initiate"')
+        echo = listen_echo(self, b"dev:")
+        proc = yield self.initiator(key, "dev42", f"8083:localhost:{echo}")
+        self.setLine('cert-authority,no-port-forwarding,access="initiate"')
+        self.factory.checkKeys()
+        yield self.waitFor(lambda: proc.code is not None, what="ssh to be disconnected")
+        self.assertIn("no longer allow virtual port 8083", logs.out.getvalue())
+        self.setLine('cert-authority,command="listeners",access="list"')
+        forced = m.sign("caforced", options=("force-command=whoami",))
+        out, err, code = yield self.ssh(forced, "dev42", command=("whoami",))
+        self.assertEqual(code, 255, out)
+        self.assertIn(b"force-command differ", err)
+
+
 class CertificateExpiryTests(SwitchboardTestMixin, unittest.TestCase):
     """A connection made with a certificate ends when the certificate expires."""
 
