@@ -1054,6 +1054,11 @@ class AuthorizedKeysFile:
                 path=self.path,
             )
 
+    def problems(self) -> list[tuple[int, str]]:
+        """Lines of the file as last loaded that could not be parsed: (line number, why)."""
+        with self._lock:
+            return list(self._view.errors)
+
     @property
     def first_use_count(self) -> int:
         """Lines of the shape first use writes, in the current view."""

@@ -196,29 +196,58 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         d.addErrback(lambda f: log.failure("reloading authorized_keys failed", failure=f))
         d.addBoth(lambda _: setattr(self, "_reloading", False))
 
+    def stopFactory(self) -> None:
+        """The last listening port closed: stop the host name lookup threads too."""
+        names = getattr(self.checker, "names", None)
+        if names is not None:
+            names.stop()
+
     def _keysChanged(self) -> None:
         if not self.config.enable_auth:
             return
         for avatar in list(self.avatars):
-            login = avatar.identity.certificate
-            if login is not None:
-                entry = self.keysFile.resolve(login.ca_blob, ca=True)
-            else:
-                entry = self.keysFile.resolve(avatar.identity.key_blob)
-            why = self._stillAuthorized(avatar, entry)
-            if why is None:
-                self._applyAccess(avatar, entry)
-            else:
-                log.info(
-                    "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
-                    conn_id=avatar.info.conn_id,
-                    hostname=avatar.identity.hostname,
-                    fingerprint=avatar.identity.fingerprint,
-                    why=why,
-                )
-                transport = avatar.conn.transport if avatar.conn else None
-                if transport is not None:
-                    transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
+            self._recheck(avatar)
+
+    def _recheck(self, avatar: Any) -> None:
+        """Judge one live connection by the file as now loaded."""
+        if avatar.loggedOut:
+            return
+        login = avatar.identity.certificate
+        if login is not None:
+            entry = self.keysFile.resolve(login.ca_blob, ca=True)
+        else:
+            entry = self.keysFile.resolve(avatar.identity.key_blob)
+        names = getattr(self.checker, "names", None)
+        info = avatar.info
+        if (
+            entry is not None
+            and names is not None
+            and not info.names_checked
+            and authkeys.wants_hostname(entry)
+        ):
+            # A hostname pattern appeared since the login: look the name up first
+            # (without it every hostname pattern would fail and drop the connection).
+            def named(name: str | None) -> None:
+                info.peer_name, info.names_checked = name, True
+                avatar.identity = dataclasses.replace(avatar.identity, peer_name=name)
+                self._recheck(avatar)
+
+            names.lookup(info.peer).addCallback(named)
+            return
+        why = self._stillAuthorized(avatar, entry)
+        if why is None:
+            self._applyAccess(avatar, entry)
+        else:
+            log.info(
+                "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
+                conn_id=avatar.info.conn_id,
+                hostname=avatar.identity.hostname,
+                fingerprint=avatar.identity.fingerprint,
+                why=why,
+            )
+            transport = avatar.conn.transport if avatar.conn else None
+            if transport is not None:
+                transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
         """A changed access= or key option takes effect at once on the live connection."""
