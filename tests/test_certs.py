@@ -786,6 +786,27 @@ class CertificateAuthorityOptionsTests(SwitchboardTestMixin, unittest.TestCase):
         self.assertIn(b"force-command differ", err)
 
 
+class KeyStatusTableTests(unittest.SynchronousTestCase):
+    """What the admin `keys` command says of cert-authority lines."""
+
+    def test_table(self) -> None:
+        from nuttconch.admin import key_status
+
+        ca = maker().public("ca")
+        rows = [
+            ("plain", "cert-authority", "in force (certificate authority)"),
+            ("denied", 'cert-authority,access="denied"', "denied"),
+            ("expired", 'cert-authority,expiry-time="20200101"', "expired 2020-01-01"),
+            ("hostname", 'cert-authority,hostname="x"', "invalid: a cert-authority line"),
+            ("alias", 'cert-authority,alias="x"', "invalid: a cert-authority line"),
+            ("environment", 'cert-authority,environment="A=b"', "invalid: environment="),
+        ]
+        for label, options, expected in rows:
+            entry = authkeys.parse_line(f"{options} {ca}")
+            assert entry is not None
+            self.assertIn(expected, key_status(entry, time.time()), label)
+
+
 class CertificateExpiryTests(SwitchboardTestMixin, unittest.TestCase):
     """A connection made with a certificate ends when the certificate expires."""
 
