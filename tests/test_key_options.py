@@ -360,6 +360,7 @@ class OptionsEndToEndTests(SwitchboardTestMixin, unittest.TestCase):
         other = self.key("other", options='access="listen",permitopen="db*:*"')
         client = self.spawn(ok, "c", "-W", f"{name}:6100", stdin=None)
         yield client.waitOutput(b"device:")
+        assert client.transport is not None
         client.transport.write(b"ping")
         yield client.waitOutput(b"ping")
         for key in (wrongport, other):
@@ -483,6 +484,53 @@ class HostnameEndToEndTests(SwitchboardTestMixin, unittest.TestCase):
             else:
                 self.assertEqual(code, 255, options)
                 self.assertIn(b"this key is not allowed from 127.0.0.1", err, options)
+
+    @defer.inlineCallbacks
+    def test_lookups_only_for_hostname_patterns(self) -> Any:
+        """Keys without a hostname pattern never cost a lookup; a name is looked up once
+        and then served from the cache."""
+        names = self.factory.checker.names
+        plain = self.key("plain", options='access="listen"')
+        addr = self.key("addr", options='access="listen",from="127.0.0.0/8,127.0.0.*"')
+        named = self.key("named", options='access="listen",from="localhost"')
+        for key in (plain, addr):
+            out, err, code = yield self.ssh(key, "p", command=("whoami",))
+            self.assertEqual(code, 0, err)
+        self.assertEqual(names.lookups, 0)
+        for _ in range(2):
+            out, err, code = yield self.ssh(named, "n", command=("whoami",))
+            self.assertEqual(code, 0, err)
+        self.assertEqual(names.lookups, 1)
+
+    @defer.inlineCallbacks
+    def test_slow_reverse_lookup_blocks_nobody(self) -> Any:
+        """THREATS 14: a PTR lookup that hangs stalls no other login; the key that needs
+        it is refused once the lookup times out (an unconfirmed name matches nothing)."""
+        names = self.factory.checker.names
+        release: list[bool] = []
+
+        def hanging(address: str) -> str | None:
+            while not release and time.monotonic() - started < 20:
+                time.sleep(0.05)
+            return "box.lan"
+
+        self.addCleanup(release.append, True)
+        names.resolve = hanging
+        names.timeout = 3.0
+        started = time.monotonic()
+        slow = self.key("slow", options='access="listen",from="*.lan"')
+        fast = self.key("fast", options='access="listen"')
+        waiting = self.ssh(slow, "s", command=("whoami",))
+        yield self.waitFor(lambda: names.lookups == 1, what="the lookup to start")
+        before = time.monotonic()
+        out, err, code = yield self.ssh(fast, "f", command=("whoami",))
+        self.assertEqual(code, 0, err)
+        self.assertLess(time.monotonic() - before, 2.5)
+        self.assertFalse(waiting.called)
+        out, err, code = yield waiting
+        self.assertEqual(code, 255, err)
+        self.assertIn(b"this key is not allowed from 127.0.0.1", err)
+        self.assertEqual(names.timeouts, 1)
 
     @defer.inlineCallbacks
     def test_hostname_pattern_added_while_connected(self) -> Any:
