@@ -198,12 +198,14 @@ def key_status(entry: authkeys.AuthorizedKey, now: float) -> str:
     that a line they wrote is not doing what they believe."""
     if entry.denied:
         return "denied"
-    if entry.cert_authority:
-        return "certificate authority"
     if entry.policy_error is not None:
         return f"invalid: {entry.policy_error}"
     if entry.policy.expired(now):
         return f"expired {policy.format_time(entry.policy.expires)}"
+    if entry.cert_authority:
+        if entry.hostname is not None or entry.aliases:
+            return "invalid: a cert-authority line cannot give hostname= or alias="
+        return "in force (certificate authority)"
     return "in force"
 
 

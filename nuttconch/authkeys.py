@@ -1065,7 +1065,9 @@ class AuthorizedKeysFile:
         with self._lock:
             return self._view.first_use
 
-    def lookup(self, blob: bytes, wait: float = 0.0, stale: bool = True) -> AuthorizedKey | None:
+    def lookup(
+        self, blob: bytes, wait: float = 0.0, stale: bool = True, *, ca: bool = False
+    ) -> AuthorizedKey | None:
         """
         The entry whose options apply to the key ``blob``, or None.
 
@@ -1076,12 +1078,14 @@ class AuthorizedKeysFile:
         key. Raises `AuthorizedKeysUnavailable` like `entries`, with the
         same meaning of ``wait``; with ``stale`` False, a writer holding the
         lock raises `AuthorizedKeysBusy` at once instead of giving the
-        previous view (for a login decided on the reactor thread).
+        previous view (for a login decided on the reactor thread). With
+        ``ca`` True it finds the ``cert-authority`` line of the CA key
+        ``blob`` instead (and only such a line).
         """
         view = self._refresh(wait, stale)
-        return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+        return _resolve(list(view.index.get(blob, ())), view.tainted, blob, ca)
 
-    def resolve(self, blob: bytes) -> AuthorizedKey | None:
+    def resolve(self, blob: bytes, *, ca: bool = False) -> AuthorizedKey | None:
         """`lookup` in the view as last loaded, without looking at the file.
 
         For change listeners: they run right after a reload, so the view is
@@ -1089,9 +1093,9 @@ class AuthorizedKeysFile:
         """
         with self._lock:
             view = self._view
-        return _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+        return _resolve(list(view.index.get(blob, ())), view.tainted, blob, ca)
 
-    def cached_lookup(self, blob: bytes) -> tuple[bool, AuthorizedKey | None]:
+    def cached_lookup(self, blob: bytes, *, ca: bool = False) -> tuple[bool, AuthorizedKey | None]:
         """``(True, entry)`` if the view is provably current, else ``(False, None)``.
 
         For the reactor thread: a stat and a dictionary lookup, never a read
@@ -1103,7 +1107,7 @@ class AuthorizedKeysFile:
             return False, None
         if view is None:
             return False, None
-        return True, _resolve(list(view.index.get(blob, ())), view.tainted, blob)
+        return True, _resolve(list(view.index.get(blob, ())), view.tainted, blob, ca)
 
     # -- writing ----------------------------------------------------------
 
@@ -1248,7 +1252,7 @@ class AuthorizedKeysFile:
 
 
 def _resolve(
-    matching: list[AuthorizedKey], tainted: dict[str, int], blob: bytes
+    matching: list[AuthorizedKey], tainted: dict[str, int], blob: bytes, ca: bool = False
 ) -> AuthorizedKey | None:
     """The entry that applies to ``blob`` among its lines ``matching``; see `lookup`."""
     for entry in matching:
@@ -1266,7 +1270,7 @@ def _resolve(
             bad_lineno,
         )
     for entry in matching:
-        if not entry.cert_authority:
+        if entry.cert_authority == ca:
             return entry
     return None
 

@@ -221,6 +221,13 @@ SCHEMA: tuple[Setting, ...] = (
         "60",
         "how long an answer of authorized_keys_command is reused for the same key (0: never)",
     ),
+    Setting(
+        "keys",
+        "revoked_keys_file",
+        _text,
+        "",
+        "revoked keys: a public key list or an OpenSSH KRL (empty: none)",
+    ),
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
     Setting("server", "max_auth_tries", _int_range(1, 100), "6", "auth attempts per connection"),

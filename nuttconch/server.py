@@ -21,7 +21,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from . import authkeys
+from . import authkeys, certs
 from .admission import Admission
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
@@ -29,6 +29,7 @@ from .connection import SwitchboardConnection
 from .events import EventBus
 from .logs import conch_logger
 from .names import InvalidName
+from .policy import KeyPolicy, PolicyError
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -207,7 +208,11 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         """Judge one live connection by the file as now loaded."""
         if avatar.loggedOut:
             return
-        entry = self.keysFile.resolve(avatar.identity.key_blob)
+        login = avatar.identity.certificate
+        if login is not None:
+            entry = self.keysFile.resolve(login.ca_blob, ca=True)
+        else:
+            entry = self.keysFile.resolve(avatar.identity.key_blob)
         names = getattr(self.checker, "names", None)
         info = avatar.info
         if (
@@ -251,18 +256,21 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 access=",".join(sorted(access)) or "none",
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
-        if entry is not None and entry.policy != avatar.identity.policy:
+        policy = _policyOf(avatar.identity, entry) if entry is not None else None
+        if policy is not None and policy != avatar.identity.policy:
             log.info(
                 "conn {conn_id}: options of {fingerprint} are now: {options}",
                 conn_id=avatar.info.conn_id,
                 fingerprint=avatar.identity.fingerprint,
-                options="; ".join(entry.policy.describe()) or "no restrictions",
+                options="; ".join(policy.describe()) or "no restrictions",
             )
-            avatar.identity = dataclasses.replace(avatar.identity, policy=entry.policy)
+            avatar.identity = dataclasses.replace(avatar.identity, policy=policy)
             avatar.scheduleExpiry()
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
+        if entry is None and identity.certificate is not None:
+            return "its certificate authority removed from authorized_keys"
         if entry is None:
             if identity.external:
                 return None  # admitted by authorized_keys_command; the file never had it
@@ -281,6 +289,15 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             for port, bind_host in sorted(avatar.listener.ports.items()):
                 if entry.policy.listen_refusal(bind_host, port) is not None:
                     return f"key's options no longer allow virtual port {port}"
+        if identity.certificate is not None:
+            # Names come from the certificate; its CA line may not name hosts.
+            if entry.hostname is not None or entry.aliases:
+                return "the certificate authority's line now gives hostname= or alias="
+            try:
+                _policyOf(identity, entry)
+            except PolicyError as exc:
+                return f"the certificate authority's line and the certificate conflict: {exc}"
+            return None
         try:
             hostname, aliases = login_names(
                 self.checker.secret, identity.username, identity.key_blob, entry
@@ -379,3 +396,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             waits.append(d)
             transport.sendDisconnect(11, reason)  # DISCONNECT_BY_APPLICATION
         return defer.DeferredList(waits)
+
+
+def _policyOf(identity: Any, entry: authkeys.AuthorizedKey) -> KeyPolicy:
+    """The policy a login with ``entry`` has now: a certificate's narrows its CA line's."""
+    login = identity.certificate
+    return entry.policy if login is None else certs.login_policy(entry.policy, login)

@@ -49,9 +49,11 @@ class SwitchboardSession(conch_session.SSHSession):
             return 0
         if not avatar.identity.policy.pty:
             log.info(
-                "conn {conn_id}: pty request refused: key {fingerprint} has no-pty or restrict",
+                "conn {conn_id}: pty request refused: key {fingerprint} has no-pty or"
+                " restrict{cert}",
                 conn_id=avatar.info.conn_id,
                 fingerprint=avatar.identity.fingerprint,
+                cert=_certificate_note(avatar.identity),
             )
             return 0
         return int(super().request_pty_req(data))
@@ -153,6 +155,13 @@ class _Sink(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.onData is not None:
             self.onData(data)
+
+
+def _certificate_note(identity: Any) -> str:
+    login = getattr(identity, "certificate", None)
+    if login is None or login.permit_pty:
+        return ""
+    return " (its certificate lacks permit-pty)"
 
 
 @implementer(ISession)

@@ -49,6 +49,7 @@ DEFAULT_VALUES = {
     "host_key_ed25519": "keys/ssh_host_ed25519_key",
     "host_key_rsa": "keys/ssh_host_rsa_key",
     "authorized_keys_file": "keys/authorized_keys",
+    "revoked_keys_file": "",
     "login_grace_time": 30.0,
     "max_auth_tries": 6,
     "max_startups": (10, 30, 100),
