@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from . import authkeys, metrics
+from . import authkeys, metrics, policy
 from .names import escape
 from .registry import NotFound
 from .result import Result
@@ -193,15 +193,33 @@ def _connected(factory: Any, fp: str) -> list[Any]:
     return [a for a in list(factory.avatars) if a.identity.fingerprint == fp]
 
 
+def key_status(entry: authkeys.AuthorizedKey, now: float) -> str:
+    """Whether a line is in force, in the words ``keys`` shows: an administrator must see
+    that a line they wrote is not doing what they believe."""
+    if entry.denied:
+        return "denied"
+    if entry.policy_error is not None:
+        return f"invalid: {entry.policy_error}"
+    if entry.policy.expired(now):
+        return f"expired {policy.format_time(entry.policy.expires)}"
+    if entry.cert_authority:
+        if entry.hostname is not None or entry.aliases:
+            return "invalid: a cert-authority line cannot give hostname= or alias="
+        return "in force (certificate authority)"
+    return "in force"
+
+
 def keys(avatar: Any, args: list[str]) -> Result:
     flags = _flags(args, ("--json",), "keys [--json]")
     if isinstance(flags, Result):
         return flags
+    keys_file = avatar.factory.keysFile
     try:
-        entries = avatar.factory.keysFile.entries()
+        entries = keys_file.entries()
     except OSError as exc:
         return Result(1, err=f"cannot read authorized_keys: {escape(str(exc))}\n")
-    rows = []
+    now = time.time()
+    rows: list[dict[str, Any]] = []
     for entry in entries:
         rows.append(
             {
@@ -210,23 +228,41 @@ def keys(avatar: Any, args: list[str]) -> Result:
                 "type": entry.keytype,
                 "options": _options_text(entry),
                 "access": sorted(entry.access),
+                "status": key_status(entry, now),
+                "restrictions": [] if entry.policy_error is not None else entry.policy.describe(),
                 "comment": entry.comment,
                 "connections": len(_connected(avatar.factory, entry.fingerprint)),
             }
         )
+    for lineno, reason in keys_file.problems():
+        rows.append(
+            {
+                "line": lineno,
+                "fingerprint": None,
+                "type": None,
+                "options": None,
+                "access": [],
+                "status": f"invalid: {reason}; line ignored",
+                "restrictions": [],
+                "comment": None,
+                "connections": 0,
+            }
+        )
+    rows.sort(key=lambda row: row["line"])
     if "--json" in flags:
         return _json(rows)
     if not rows:
         return Result(0, "no keys\n")
-    table = [("LINE", "FINGERPRINT", "TYPE", "OPTIONS", "COMMENT", "CONN")]
+    table = [("LINE", "FINGERPRINT", "TYPE", "OPTIONS", "STATUS", "COMMENT", "CONN")]
     for row in rows:
         table.append(
             (
                 str(row["line"]),
-                row["fingerprint"],
-                escape(row["type"]),
-                escape(row["options"]) or "-",
-                escape(row["comment"]) or "-",
+                row["fingerprint"] or "-",
+                escape(row["type"] or "-"),
+                escape(row["options"] or "") or "-",
+                escape(row["status"]),
+                escape(row["comment"] or "") or "-",
                 str(row["connections"]),
             )
         )

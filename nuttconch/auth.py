@@ -19,20 +19,22 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.conch import error as conch_error
+from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import keys, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import authkeys
+from . import authkeys, certs
 from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
+from .policy import UNRESTRICTED, KeyPolicy, PolicyError, format_time
 
 log = Logger()
 
@@ -65,8 +67,14 @@ class Identity:
     peer: str = ""
     new_key: bool = False
     lineno: int = 0
+    #: The key options in force (expiry, forwarding, pty, command); see policy.py.
+    policy: KeyPolicy = UNRESTRICTED
+    #: The client's forward-confirmed host name, if a from= hostname pattern asked.
+    peer_name: str | None = None
     # Admitted by a line from authorized_keys_command, not from the file.
     external: bool = False
+    # Set when the login used an OpenSSH certificate (its CA's line is ``lineno``).
+    certificate: certs.CertLogin | None = None
 
     @property
     def connect_name(self) -> str:
@@ -81,6 +89,9 @@ class ConnectionInfo:
     conn_id: int = 0
     # The key of the latest attempt, for refusal logs and events.
     fingerprint: str = ""
+    # The forward-confirmed host name of ``peer`` (None: none, or not looked up).
+    peer_name: str | None = None
+    names_checked: bool = False
 
 
 fingerprint = authkeys.fingerprint_of
@@ -175,10 +186,17 @@ class AuthorizedKeysChecker:
         enable_auth: bool = True,
         allow_new_clients: bool = True,
         first_use: FirstUseLimiter | None = None,
+        names: Any = None,
+        clock: Callable[[], float] = time.time,
         key_command: Any = None,
+        revoked: certs.RevokedKeys | None = None,
     ) -> None:
         self.key_command = key_command
         self.keys_file = keys_file
+        self.revoked = revoked
+        #: hostnames.VerifiedNames for from= hostname patterns, or None (use_dns off).
+        self.names = names
+        self.clock = clock
         self.secret = secret
         self.enable_auth = enable_auth
         self.allow_new_clients = allow_new_clients
@@ -194,26 +212,53 @@ class AuthorizedKeysChecker:
         username, key = self._screen(credentials, info)
         if not self.enable_auth:
             return self._decide(credentials, info, username, key, None)
-        fresh, entry = self.keys_file.cached_lookup(credentials.blob)
+        cert: certs.Certificate | None = getattr(credentials, "certificate", None)
+        # A certificate is admitted by its CA's cert-authority line, never by its key's.
+        blob, ca = (cert.ca_blob, True) if cert is not None else (credentials.blob, False)
+        fresh, entry = self.keys_file.cached_lookup(blob, ca=ca)
         if fresh:
-            return self._decide(credentials, info, username, key, entry)
+            return self._withNames(credentials, info, username, key, entry)
         if self.keys_file.reload_cost() <= authkeys.INLINE_RELOAD_BYTES:
             # A small change: read it here, unless a writer holds the lock.
             try:
-                entry = self.keys_file.lookup(credentials.blob, 0.0, stale=False)
+                entry = self.keys_file.lookup(blob, 0.0, stale=False, ca=ca)
             except authkeys.AuthorizedKeysBusy:
                 pass
             except authkeys.AuthorizedKeysUnavailable:
                 _refuse_unavailable(Failure())
             else:
-                return self._decide(credentials, info, username, key, entry)
+                return self._withNames(credentials, info, username, key, entry)
         # The file changed since the last look: read it in a thread (a big
         # file must not stall the reactor) and wait there for a writer's
         # lock, so that the login is decided on what the file says now.
-        d = threads.deferToThread(self.keys_file.lookup, credentials.blob, authkeys.LOGIN_LOCK_WAIT)
+        d = threads.deferToThread(self.keys_file.lookup, blob, authkeys.LOGIN_LOCK_WAIT, ca=ca)
         d.addErrback(_refuse_unavailable)
-        d.addCallback(lambda found: self._decide(credentials, info, username, key, found))
+        d.addCallback(lambda found: self._withNames(credentials, info, username, key, found))
         return d
+
+    def _withNames(
+        self,
+        credentials: Any,
+        info: ConnectionInfo,
+        username: str,
+        key: keys.Key,
+        entry: authkeys.AuthorizedKey | None,
+        external: bool = False,
+    ) -> Any:
+        """Look the client's host name up first if, and only if, this key's from= needs it."""
+        if (
+            self.names is None
+            or info.names_checked
+            or entry is None
+            or not authkeys.wants_hostname(entry)
+        ):
+            return self._decide(credentials, info, username, key, entry, external)
+
+        def named(name: str | None) -> Any:
+            info.peer_name, info.names_checked = name, True
+            return self._decide(credentials, info, username, key, entry, external)
+
+        return self.names.lookup(info.peer).addCallback(named)
 
     def _screen(self, credentials: Any, info: ConnectionInfo) -> tuple[str, keys.Key]:
         """What is refused whatever the file says: bad names, keys and algorithms."""
@@ -221,11 +266,16 @@ class AuthorizedKeysChecker:
             username = normalise(credentials.username, "user name")
         except InvalidName as exc:
             raise Refused(str(exc), reason="bad user name") from None
-        try:
-            key = keys.Key.fromString(credentials.blob, type="blob")
-        except (keys.BadKeyError, ValueError) as exc:
-            raise Refused(f"unsupported or malformed key: {exc}", reason="bad key") from None
-        if key.blob() != credentials.blob:
+        cert = None
+        if certs.is_cert_algorithm(credentials.algName):
+            cert = self._screen_certificate(credentials)
+            key = keys.Key.fromString(cert.key_blob, type="blob")
+        else:
+            try:
+                key = keys.Key.fromString(credentials.blob, type="blob")
+            except (keys.BadKeyError, ValueError) as exc:
+                raise Refused(f"unsupported or malformed key: {exc}", reason="bad key") from None
+        if cert is None and key.blob() != credentials.blob:
             # Trailing bytes, an RSA number with a leading zero, a compressed
             # ECDSA point: Conch reads them as the same key, but the lookup by
             # blob would miss its line (and its from=, denied) and take the
@@ -242,19 +292,44 @@ class AuthorizedKeysChecker:
             raise Refused(
                 f"RSA keys need at least {MIN_RSA_BITS} bits", reason="weak key"
             ) from None
-        if credentials.algName == b"ssh-rsa":
+        algorithm = _plain_algorithm(credentials.algName)
+        if algorithm == b"ssh-rsa":
             raise Refused(
                 "ssh-rsa (SHA-1) signatures are not accepted; use rsa-sha2-256/512",
                 reason="sha1 signature",
             )
-        if credentials.algName not in key.supportedSignatureAlgorithms():
+        if algorithm not in key.supportedSignatureAlgorithms():
             raise Refused(
                 f"signature algorithm {escape(credentials.algName[:64])} does not fit"
                 f" a {key.type()} key",
                 reason="bad algorithm",
             )
-        info.fingerprint = fingerprint(credentials.blob)
+        info.fingerprint = fingerprint(key.blob() if cert is not None else credentials.blob)
+        self._check_revoked(key.blob(), cert)
         return username, key
+
+    @staticmethod
+    def _screen_certificate(credentials: Any) -> certs.Certificate:
+        """Parse and CA-verify a certificate once per request, before any lookup."""
+        try:
+            cert = certs.parse(credentials.blob, credentials.algName)
+        except certs.CertificateError as exc:
+            raise Refused(str(exc), reason="bad certificate") from None
+        credentials.certificate = cert
+        return cert
+
+    def _check_revoked(self, blob: bytes, cert: certs.Certificate | None) -> None:
+        if self.revoked is None:
+            return
+        try:
+            why = self.revoked.revoked(blob, cert)
+        except certs.RevokedKeysUnavailable:
+            raise Refused(
+                "the server cannot read its revoked keys list; try again later",
+                reason="revoked_keys unavailable",
+            ) from None
+        if why is not None:
+            raise Refused(why, reason="revoked")
 
     def _decide(
         self,
@@ -265,18 +340,28 @@ class AuthorizedKeysChecker:
         entry: authkeys.AuthorizedKey | None,
         external: bool = False,
     ) -> Any:
-        if self.enable_auth and entry is None and self.key_command and not external:
+        cert: certs.Certificate | None = getattr(credentials, "certificate", None)
+        login: certs.CertLogin | None = None
+        if (
+            self.enable_auth
+            and cert is None
+            and entry is None
+            and self.key_command
+            and not external
+        ):
             return self._ask_command(credentials, info, username, key)
-        if self.enable_auth:
+        if cert is not None and self.enable_auth:
+            login = self._certificate_allowed(cert, username, info, entry)
+        elif self.enable_auth:
             if entry is not None:
-                self._enforce(entry, info)
+                self._enforce(entry, info, self.clock())
             elif not self.allow_new_clients:
                 raise Refused("this key is not authorized", reason="unknown key")
             else:
                 self._first_use_allowed(info)
         if credentials.signature is None:
             raise conch_error.ValidPublicKey()
-        if _signature_algorithm(credentials.signature) != credentials.algName:
+        if _signature_algorithm(credentials.signature) != _plain_algorithm(credentials.algName):
             # Conch's verify picks the hash from the signature itself, so an
             # ssh-rsa (SHA-1) signature would pass under an rsa-sha2-* request.
             raise Refused(
@@ -287,6 +372,10 @@ class AuthorizedKeysChecker:
             raise Refused("bad signature", reason="bad signature")
         if not self.enable_auth:
             return self._identity(username, key, None, ALL_ACCESS, info)
+        if login is not None and entry is not None:
+            identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+            policy = certs.login_policy(entry.policy, login)
+            return Identity(**{**identity.__dict__, "certificate": login, "policy": policy})
         if entry is None:
             self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
@@ -312,7 +401,7 @@ class AuthorizedKeysChecker:
             )
 
         d.addCallbacks(
-            lambda found: self._decide(credentials, info, username, key, found, external=True),
+            lambda found: self._withNames(credentials, info, username, key, found, external=True),
             failed,
         )
         return d
@@ -337,7 +426,7 @@ class AuthorizedKeysChecker:
             # It gets the whole policy, exactly like a line found at probe.
             if current is None:
                 raise Refused("this key is not authorized", reason="unknown key")
-            self._enforce(current, info)
+            self._enforce(current, info, self.clock())
             new = current.lineno != 0 and current == entry
             if new:
                 log.info(
@@ -363,15 +452,76 @@ class AuthorizedKeysChecker:
         d.addCallbacks(appended, failed)
         return d
 
+    def _certificate_allowed(
+        self,
+        cert: certs.Certificate,
+        username: str,
+        info: ConnectionInfo,
+        entry: authkeys.AuthorizedKey | None,
+    ) -> certs.CertLogin:
+        """A certificate's CA line, its own rules, and its key's line if any; never first use."""
+        if entry is None:
+            raise Refused("this certificate's authority is not trusted here", reason="unknown CA")
+        if entry.denied:
+            raise Refused("this certificate's authority is denied", reason="denied")
+        self._enforce(entry, info, self.clock(), ca=True)
+        if entry.hostname is not None or entry.aliases:
+            raise Refused(
+                f"authorized_keys line {entry.lineno}: a cert-authority line cannot give"
+                " hostname= or alias= (every certificate would share them)",
+                reason="bad option",
+            )
+        own = self.keys_file.resolve(cert.key_blob)
+        if own is not None and own.denied:
+            raise Refused("this key is denied", reason="denied")
+        try:
+            login = certs.check(
+                cert,
+                username,
+                info.peer,
+                self.clock(),
+                tuple(v for n, v in entry.options if n == "principals" and v is not None),
+            )
+            certs.login_policy(entry.policy, login)
+            return login
+        except (certs.CertificateError, PolicyError) as exc:
+            log.info(
+                "conn {conn_id}: {certificate} (authority on line {lineno}) refused: {why}",
+                conn_id=info.conn_id,
+                certificate=cert.describe(),
+                lineno=entry.lineno,
+                why=str(exc),
+            )
+            raise Refused(str(exc), reason="certificate refused") from None
+
     @staticmethod
-    def _enforce(entry: authkeys.AuthorizedKey, info: ConnectionInfo) -> None:
+    def _enforce(
+        entry: authkeys.AuthorizedKey, info: ConnectionInfo, now: float, ca: bool = False
+    ) -> None:
         """Every option of ``entry`` that can refuse a login, for any path to a login."""
         if entry.denied:
             raise Refused("this key is denied", reason="denied")
-        if entry.cert_authority:
+        if entry.cert_authority != ca:
             raise Refused("this key is not authorized", reason="unknown key")
-        if not authkeys.from_allows(entry, info.peer):
+        if entry.policy_error is not None:
+            log.info(
+                "conn {conn_id}: authorized_keys line {lineno}: {why}; key {fingerprint} refused",
+                conn_id=info.conn_id,
+                lineno=entry.lineno,
+                why=entry.policy_error,
+                fingerprint=entry.fingerprint,
+            )
+            raise Refused(
+                f"this key's authorized_keys line {entry.lineno} has an option the server"
+                " cannot honour; ask its operator",
+                reason="bad option",
+            )
+        if not authkeys.from_allows(entry, info.peer, info.peer_name):
             raise Refused(f"this key is not allowed from {info.peer}", reason="from")
+        if entry.policy.expired(now):
+            raise Refused(
+                f"this key expired on {format_time(entry.policy.expires)}", reason="expired"
+            )
 
     def _identity(
         self,
@@ -396,6 +546,8 @@ class AuthorizedKeysChecker:
             key_blob=blob,
             peer=info.peer,
             lineno=entry.lineno if entry is not None else 0,
+            policy=entry.policy if entry is not None else UNRESTRICTED,
+            peer_name=info.peer_name,
         )
 
 
@@ -420,6 +572,11 @@ def login_names(
     return hostname, tuple(dict.fromkeys(aliases))
 
 
+def _plain_algorithm(alg_name: bytes) -> bytes:
+    """The algorithm a signature is made with: a certificate's is its key's."""
+    return certs.CERT_ALGORITHMS.get(alg_name, (b"", alg_name))[1]
+
+
 def _signature_algorithm(signature: bytes) -> bytes | None:
     """The algorithm name a signature blob says it was made with, or None if unreadable."""
     try:
@@ -427,6 +584,13 @@ def _signature_algorithm(signature: bytes) -> bytes | None:
     except (struct.error, IndexError, ValueError):
         return None
     return name
+
+
+def _certificate_text(identity: Identity) -> str:
+    login = identity.certificate
+    if login is None:
+        return ""
+    return f" with {login.describe()} (authority on line {identity.lineno})"
 
 
 class _PortalProxy:
@@ -511,6 +675,8 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
         256 KiB line per attempt, ESC and CR written through to the operator's terminal).
         Here it is one info line with the name truncated and escaped."""
         algName, blob = userauth.getNS(packet[1:], 2)[:2]
+        if certs.is_cert_algorithm(algName):
+            return self._auth_certificate(packet)
         try:
             keys.Key.fromString(blob)
         except keys.BadKeyError:
@@ -528,6 +694,32 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
                 self.sendBanner(f"nuttconch: {message}\r\n")
             return defer.fail(UnauthorizedLogin(message))
         return super().auth_publickey(packet)
+
+    def _auth_certificate(self, packet: bytes) -> Any:
+        """Conch's auth_publickey for certificates, which its key parser refuses.
+
+        The blob goes to the checker whole; it parses and CA-verifies it.
+        """
+        has_sig = packet[0:1] != b"\x00"
+        alg_name, blob, rest = userauth.getNS(packet[1:], 2)
+        if not has_sig:
+            creds = SSHPrivateKey(self.user, alg_name, blob, None, None)
+            return self.portal.login(creds, None, IConchUser).addErrback(
+                self._ebCheckKey, packet[1:]
+            )
+        signature = userauth.getNS(rest)[0]
+        signed = (
+            NS(self.transport.sessionID)
+            + bytes((userauth.MSG_USERAUTH_REQUEST,))
+            + NS(self.user or b"")
+            + NS(self.nextService or b"")
+            + NS(b"publickey")
+            + packet[0:1]
+            + NS(alg_name)
+            + NS(blob)
+        )
+        creds = SSHPrivateKey(self.user, alg_name, blob, signed, signature)
+        return self.portal.login(creds, None, IConchUser)
 
     def _done(self, result: object) -> object:
         self._busy = False
@@ -592,6 +784,6 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             hostname=avatar.identity.hostname,
             fingerprint=avatar.identity.fingerprint,
             access=",".join(sorted(avatar.identity.access)) or "none",
-            new=" (new key)" if avatar.identity.new_key else "",
+            new=" (new key)" if avatar.identity.new_key else _certificate_text(avatar.identity),
         )
         super()._cbFinishedAuth(result)

@@ -9,6 +9,7 @@ initiator's names and ports leave the registry.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from twisted.conch.avatar import ConchUser
@@ -58,6 +59,7 @@ class SwitchboardAvatar(ConchUser):
         self.refusalsLogged = 0
         self.missBudget = TokenBucket(MISS_RATE, MISS_BURST, factory.clock.seconds)
         self.misses = 0
+        self.expiryCall: Any = None
         from .session import SwitchboardSession
 
         self.channelLookup[b"session"] = SwitchboardSession
@@ -93,9 +95,26 @@ class SwitchboardAvatar(ConchUser):
         if not 0 <= port <= 65535 or len(host) > 255:
             self._refuseForward(f"bad port {port}")
             return 0
+        policy = self.identity.policy
+        why = policy.listen_refusal(host, port)
+        if why is not None:
+            self._refuseForward(why)
+            return 0
         listener = self._ensureListener()
+        wanted = port
+        if port == 0:
+            # ``-R 0`` allocates only inside permitlisten: the first allowed port free here.
+            choices = policy.listen_choices(host)
+            if choices is not None:
+                free = [p for p in choices if p not in listener.ports]
+                if not free:
+                    self._refuseForward("no port that permitlisten allows is free")
+                    return 0
+                wanted = free[0]
         try:
-            allocated = self.registry.add_port(listener, host, port, limit=self.config.max_forwards)
+            allocated = self.registry.add_port(
+                listener, host, wanted, limit=self.config.max_forwards
+            )
         except PortInUse as exc:
             self._refuseForward(str(exc))
             return 0
@@ -204,11 +223,38 @@ class SwitchboardAvatar(ConchUser):
             log.failure("global request {name} failed", name=escape(requestType))
             return 0
 
+    def scheduleExpiry(self) -> None:
+        """Drop the connection when its key's expiry-time passes, file change or not."""
+        if self.expiryCall is not None and self.expiryCall.active():
+            self.expiryCall.cancel()
+        self.expiryCall = None
+        expires = self.identity.policy.expires
+        if expires is None or self.loggedOut:
+            return
+        self.expiryCall = self.factory.clock.callLater(
+            max(0.0, expires - time.time()), self._expired
+        )
+
+    def _expired(self) -> None:
+        self.expiryCall = None
+        log.info(
+            "conn {conn_id}: closing {hostname} ({fingerprint}): key expired",
+            conn_id=self.info.conn_id,
+            hostname=self.identity.hostname,
+            fingerprint=self.identity.fingerprint,
+        )
+        transport = self.conn.transport if self.conn is not None else None
+        if transport is not None:
+            transport.sendDisconnect(11, b"key expired")
+
     def logout(self) -> None:
         """Unregister everything this connection held; called once, after channels close."""
         if self.loggedOut:
             return
         self.loggedOut = True
+        if self.expiryCall is not None and self.expiryCall.active():
+            self.expiryCall.cancel()
+        self.expiryCall = None
         if self.listener is not None:
             self.registry.remove_listener(self.listener)
         self.factory.connectionLimits.release(self.identity.fingerprint, self.info.peer)
@@ -232,5 +278,6 @@ class SwitchboardRealm:
         # per-source cap; counted from here until logout.
         self.factory.connectionLimits.admit(avatarId.fingerprint, info.peer)
         avatar = SwitchboardAvatar(avatarId, info, self.factory)
+        avatar.scheduleExpiry()
         self.factory.loggedIn(avatar)
         return IConchUser, avatar, avatar.logout

@@ -55,6 +55,9 @@ def whoami(avatar: Any) -> Result:
         f"address: {escape(identity.peer)}",
         f"ports: {', '.join(str(p) for p in ports) or 'none'}",
     ]
+    restrictions = identity.policy.describe()
+    if restrictions:
+        lines.append(f"restrictions: {'; '.join(escape(r) for r in restrictions)}")
     return Result(0, "\n".join(lines) + "\n")
 
 

@@ -161,6 +161,13 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting("server", "allow_pty", _bool, "true", "accept pty requests"),
     Setting("server", "enable_shell", _bool, "true", "admin keys get an interactive shell"),
+    Setting(
+        "server",
+        "use_dns",
+        _bool,
+        "true",
+        "look up client host names (reverse, forward-confirmed) for from= hostname patterns",
+    ),
     Setting("keys", "host_key_dir", _text, "keys", "directory for host keys and secrets"),
     Setting(
         "keys",
@@ -213,6 +220,13 @@ SCHEMA: tuple[Setting, ...] = (
         _seconds,
         "60",
         "how long an answer of authorized_keys_command is reused for the same key (0: never)",
+    ),
+    Setting(
+        "keys",
+        "revoked_keys_file",
+        _text,
+        "",
+        "revoked keys: a public key list or an OpenSSH KRL (empty: none)",
     ),
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),

@@ -468,6 +468,19 @@ class SwitchboardConnection(connection.SSHConnection):
             raise OpenRefused(OPEN_CONNECT_FAILED, "malformed direct-tcpip request") from None
         if len(host) > 255 or not 0 < port <= 65535:
             raise OpenRefused(OPEN_CONNECT_FAILED, "no such listener: bad name or port")
+        why = avatar.identity.policy.open_refusal(host, port)
+        if why is not None:
+            # Before the registry is asked, so a restricted key learns nothing of other names.
+            log.info(
+                "conn {conn_id}: circuit to {target}:{port} refused: {why}",
+                conn_id=self.transport.connId,
+                target=escape(host),
+                port=port,
+                why=escape(why),
+            )
+            self.transport.factory.circuitFailed(f"{escape(host)}:{port}", "refused", "key options")
+            avatar.circuitMissed()  # bounded like guesses: a loop of them is disconnected
+            raise OpenRefused(OPEN_PROHIBITED, escape(why))
         registry = self.transport.factory.registry
         try:
             route = registry.resolve(host, port)

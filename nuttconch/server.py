@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Any
 
 from twisted.conch.ssh import factory as conch_factory
@@ -20,7 +21,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from . import authkeys
+from . import authkeys, certs
 from .admission import Admission
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
@@ -28,6 +29,7 @@ from .connection import SwitchboardConnection
 from .events import EventBus
 from .logs import conch_logger
 from .names import InvalidName
+from .policy import KeyPolicy, PolicyError
 from .transport import SwitchboardTransport
 
 log = Logger()
@@ -190,28 +192,61 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         d.addErrback(lambda f: log.failure("reloading authorized_keys failed", failure=f))
         d.addBoth(lambda _: setattr(self, "_reloading", False))
 
+    def stopFactory(self) -> None:
+        """The last listening port closed: stop the host name lookup threads too."""
+        names = getattr(self.checker, "names", None)
+        if names is not None:
+            names.stop()
+
     def _keysChanged(self) -> None:
         if not self.config.enable_auth:
             return
         for avatar in list(self.avatars):
+            self._recheck(avatar)
+
+    def _recheck(self, avatar: Any) -> None:
+        """Judge one live connection by the file as now loaded."""
+        if avatar.loggedOut:
+            return
+        login = avatar.identity.certificate
+        if login is not None:
+            entry = self.keysFile.resolve(login.ca_blob, ca=True)
+        else:
             entry = self.keysFile.resolve(avatar.identity.key_blob)
-            why = self._stillAuthorized(avatar, entry)
-            if why is None:
-                self._applyAccess(avatar, entry)
-            else:
-                log.info(
-                    "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
-                    conn_id=avatar.info.conn_id,
-                    hostname=avatar.identity.hostname,
-                    fingerprint=avatar.identity.fingerprint,
-                    why=why,
-                )
-                transport = avatar.conn.transport if avatar.conn else None
-                if transport is not None:
-                    transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
+        names = getattr(self.checker, "names", None)
+        info = avatar.info
+        if (
+            entry is not None
+            and names is not None
+            and not info.names_checked
+            and authkeys.wants_hostname(entry)
+        ):
+            # A hostname pattern appeared since the login: look the name up first
+            # (without it every hostname pattern would fail and drop the connection).
+            def named(name: str | None) -> None:
+                info.peer_name, info.names_checked = name, True
+                avatar.identity = dataclasses.replace(avatar.identity, peer_name=name)
+                self._recheck(avatar)
+
+            names.lookup(info.peer).addCallback(named)
+            return
+        why = self._stillAuthorized(avatar, entry)
+        if why is None:
+            self._applyAccess(avatar, entry)
+        else:
+            log.info(
+                "conn {conn_id}: closing {hostname} ({fingerprint}): {why}",
+                conn_id=avatar.info.conn_id,
+                hostname=avatar.identity.hostname,
+                fingerprint=avatar.identity.fingerprint,
+                why=why,
+            )
+            transport = avatar.conn.transport if avatar.conn else None
+            if transport is not None:
+                transport.sendDisconnect(11, f"access changed: {why}".encode("ascii"))
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
-        """A changed access= takes effect at once on the live connection."""
+        """A changed access= or key option takes effect at once on the live connection."""
         access = frozenset(entry.access - {"denied"}) if entry is not None else None
         if access is not None and access != avatar.identity.access:
             log.info(
@@ -221,19 +256,48 @@ class SwitchboardFactory(conch_factory.SSHFactory):
                 access=",".join(sorted(access)) or "none",
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
+        policy = _policyOf(avatar.identity, entry) if entry is not None else None
+        if policy is not None and policy != avatar.identity.policy:
+            log.info(
+                "conn {conn_id}: options of {fingerprint} are now: {options}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                options="; ".join(policy.describe()) or "no restrictions",
+            )
+            avatar.identity = dataclasses.replace(avatar.identity, policy=policy)
+            avatar.scheduleExpiry()
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
         identity = avatar.identity
+        if entry is None and identity.certificate is not None:
+            return "its certificate authority removed from authorized_keys"
         if entry is None:
             if identity.external:
                 return None  # admitted by authorized_keys_command; the file never had it
             return "key removed from authorized_keys"
         if entry.denied:
             return "key denied in authorized_keys"
-        if not authkeys.from_allows(entry, identity.peer):
+        if entry.policy_error is not None:
+            return f"authorized_keys line {entry.lineno} has an option that cannot be honoured"
+        if not authkeys.from_allows(entry, identity.peer, identity.peer_name):
             return "key no longer allowed from this address"
+        if entry.policy.expired(time.time()):
+            return "key expired"
         if avatar.holdsPorts() and "initiate" not in entry.access:
             return "key lost access=initiate while holding virtual ports"
+        if avatar.listener is not None:
+            for port, bind_host in sorted(avatar.listener.ports.items()):
+                if entry.policy.listen_refusal(bind_host, port) is not None:
+                    return f"key's options no longer allow virtual port {port}"
+        if identity.certificate is not None:
+            # Names come from the certificate; its CA line may not name hosts.
+            if entry.hostname is not None or entry.aliases:
+                return "the certificate authority's line now gives hostname= or alias="
+            try:
+                _policyOf(identity, entry)
+            except PolicyError as exc:
+                return f"the certificate authority's line and the certificate conflict: {exc}"
+            return None
         try:
             hostname, aliases = login_names(
                 self.checker.secret, identity.username, identity.key_blob, entry
@@ -332,3 +396,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             waits.append(d)
             transport.sendDisconnect(11, reason)  # DISCONNECT_BY_APPLICATION
         return defer.DeferredList(waits)
+
+
+def _policyOf(identity: Any, entry: authkeys.AuthorizedKey) -> KeyPolicy:
+    """The policy a login with ``entry`` has now: a certificate's narrows its CA line's."""
+    login = identity.certificate
+    return entry.policy if login is None else certs.login_policy(entry.policy, login)

@@ -47,6 +47,15 @@ class SwitchboardSession(conch_session.SSHSession):
         if not avatar.config.allow_pty:
             log.info("pty request refused: allow_pty is off")
             return 0
+        if not avatar.identity.policy.pty:
+            log.info(
+                "conn {conn_id}: pty request refused: key {fingerprint} has no-pty or"
+                " restrict{cert}",
+                conn_id=avatar.info.conn_id,
+                fingerprint=avatar.identity.fingerprint,
+                cert=_certificate_note(avatar.identity),
+            )
+            return 0
         return int(super().request_pty_req(data))
 
     def request_exec(self, data: bytes) -> int:
@@ -148,6 +157,13 @@ class _Sink(protocol.Protocol):
             self.onData(data)
 
 
+def _certificate_note(identity: Any) -> str:
+    login = getattr(identity, "certificate", None)
+    if login is None or login.permit_pty:
+        return ""
+    return " (its certificate lacks permit-pty)"
+
+
 @implementer(ISession)
 class SessionHandler:
     """One session channel's behaviour; adapted from the avatar per channel."""
@@ -206,12 +222,16 @@ class SessionHandler:
         self._afterReply(self._runCommand, proto, command)
 
     def _runCommand(self, proto: Any, command: bytes) -> None:
+        forced = self.avatar.identity.policy.command
         log.info(
-            "conn {conn_id}: {hostname} runs {command}",
+            "conn {conn_id}: {hostname} runs {command}{asked}",
             conn_id=self.avatar.info.conn_id,
             hostname=self.avatar.identity.hostname,
-            command=escape(command[:80]),
+            command=escape((forced.encode() if forced is not None else command)[:80]),
+            asked="" if forced is None else f" (command= of the key; asked {escape(command[:80])})",
         )
+        if forced is not None:
+            command = forced.encode("utf-8")
         result = commands.run(self.avatar, command)
         out = _crlf(result.out) if self.pty else result.out.encode("utf-8")
         err = _crlf(result.err) if self.pty else result.err.encode("utf-8")
@@ -223,6 +243,10 @@ class SessionHandler:
 
     def openShell(self, proto: Any) -> None:
         identity = self.avatar.identity
+        if identity.policy.command is not None:
+            # As sshd: a key's command= replaces the shell too.
+            self.execCommand(proto, b"")
+            return
         if self.pty and "admin" in identity.access and self.avatar.config.enable_shell:
             server, port = self._serverName
             terminal = insults.ServerProtocol(AdminShell, self.avatar, server, port)

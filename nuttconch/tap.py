@@ -27,7 +27,9 @@ from .admission import Admission
 from .auth import AuthorizedKeysChecker, FirstUseLimiter
 from .authkeys import AuthorizedKeysFile
 from .avatar import SwitchboardRealm
+from .certs import RevokedKeys
 from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+from .hostnames import VerifiedNames
 from .keycommand import KeyCommand
 from .logs import make_observer
 from .registry import InMemoryRegistry
@@ -151,6 +153,9 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
     keys_file = AuthorizedKeysFile(cfg.authorized_keys_file)
     keys_file.ensure_exists()
     registry = make_registry(cfg, secret, host_keys)
+    revoked = RevokedKeys(cfg.revoked_keys_file) if cfg.revoked_keys_file else None
+    if revoked is not None:
+        revoked.refresh()  # logs what it read, or that logins are refused until it is readable
     checker = AuthorizedKeysChecker(
         keys_file,
         secret,
@@ -159,7 +164,9 @@ def build(cfg: configmod.Config, clock: Any = None) -> tuple[SwitchboardFactory,
         first_use=FirstUseLimiter(
             cfg.first_use_per_source, cfg.first_use_per_minute, cfg.first_use_max_keys
         ),
+        names=VerifiedNames(clock) if cfg.use_dns else None,
         key_command=_key_command(cfg, clock),
+        revoked=revoked,
     )
     if not cfg.enable_auth:
         log.warn("enable_auth is off: anyone may connect with every permission")
