@@ -41,7 +41,7 @@ PINNED = [
     "-o",
     "Ciphers=aes128-ctr",
     "-o",
-    "MACs=hmac-sha2-256",
+    "MACs=hmac-sha2-256-etm@openssh.com",
     "-o",
     "KexAlgorithms=curve25519-sha256",
 ]
@@ -420,7 +420,8 @@ class Nuttconch(Server):
             env=env,
             cwd=d,
         )
-        wait_log(self.logfile, "listening on", self.proc)
+        # Twisted logs this once the port is bound ("nuttconch listening on" comes before).
+        wait_log(self.logfile, "SwitchboardFactory starting on", self.proc)
         res = subprocess.run([*self.ssh(), "whoami"], capture_output=True, text=True, timeout=30)
         m = re.search(r"names: ([^,\s]+)", res.stdout)
         if not m:

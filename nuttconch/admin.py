@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from . import authkeys, metrics, policy
+from . import access, authkeys, metrics, policy
 from .names import escape
 from .registry import NotFound
 from .result import Result
@@ -28,7 +28,7 @@ from .result import Result
 log = Logger()
 
 DISCONNECT_BY_APPLICATION = 11
-GRANTABLE = tuple(sorted(authkeys.ACCESS_VALUES - {"denied"}))
+GRANTABLE = access.GRANTABLE
 _FP_RE = re.compile(r"^(?:SHA256:)?([A-Za-z0-9+/]{43})=?$")
 
 
@@ -405,7 +405,7 @@ def grant(avatar: Any, args: list[str]) -> Result:
         factory = avatar.factory
 
         def change(entry: authkeys.AuthorizedKey) -> authkeys.AuthorizedKey:
-            options = [o for o in entry.options if o != ("access", "denied")]
+            options = [o for o in entry.options if o != ("access", access.DENIED)]
             have = {v for n, v in options if n == "access"}
             options += [("access", v) for v in wanted if v not in have]
             return authkeys.AuthorizedKey(tuple(options), entry.keytype, entry.blob, entry.comment)
@@ -469,12 +469,14 @@ def ban(avatar: Any, args: list[str]) -> Result:
 
         def change(entry: authkeys.AuthorizedKey) -> authkeys.AuthorizedKey:
             options = [o for o in entry.options if o[0] != "access"]
-            options.append(("access", "denied"))
+            options.append(("access", access.DENIED))
             return authkeys.AuthorizedKey(tuple(options), entry.keytype, entry.blob, entry.comment)
 
         def append(blob: bytes) -> authkeys.AuthorizedKey:
             comment = _new_comment(factory, fp, "(banned by admin)")
-            return authkeys.AuthorizedKey((("access", "denied"),), _keytype_of(blob), blob, comment)
+            return authkeys.AuthorizedKey(
+                (("access", access.DENIED),), _keytype_of(blob), blob, comment
+            )
 
         edit = _Edit(fp, change, _find_blob(factory, fp), append)
         _rewrite(avatar, edit)

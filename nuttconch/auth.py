@@ -31,14 +31,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import authkeys, certs
+from .access import ALL, TOFU, Access, authenticated
+from .keyrules import admits
 from .limits import MAX_SOURCES, source_of
 from .logs import conch_logger
 from .names import InvalidName, escape, generated_alias, normalise
-from .policy import UNRESTRICTED, KeyPolicy, PolicyError, format_time
+from .policy import UNRESTRICTED, KeyPolicy, PolicyError
 
 log = Logger()
 
-ALL_ACCESS = frozenset({"initiate", "listen", "list", "admin"})
+ALL_ACCESS = ALL
 MIN_RSA_BITS = 2048
 MAX_USER_BYTES = 1024
 # How much of an unsupported key algorithm name is logged.
@@ -61,7 +63,7 @@ class Identity:
     username: str
     hostname: str
     aliases: tuple[str, ...]
-    access: frozenset[str]
+    access: Access
     fingerprint: str
     key_blob: bytes = field(repr=False)
     peer: str = ""
@@ -353,10 +355,8 @@ class AuthorizedKeysChecker:
         if cert is not None and self.enable_auth:
             login = self._certificate_allowed(cert, username, info, entry)
         elif self.enable_auth:
-            if entry is not None:
+            if entry is not None or not self.allow_new_clients:
                 self._enforce(entry, info, self.clock())
-            elif not self.allow_new_clients:
-                raise Refused("this key is not authorized", reason="unknown key")
             else:
                 self._first_use_allowed(info)
         if credentials.signature is None:
@@ -373,13 +373,13 @@ class AuthorizedKeysChecker:
         if not self.enable_auth:
             return self._identity(username, key, None, ALL_ACCESS, info)
         if login is not None and entry is not None:
-            identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+            identity = self._identity(username, key, entry, entry.access.granted(), info)
             policy = certs.login_policy(entry.policy, login)
             return Identity(**{**identity.__dict__, "certificate": login, "policy": policy})
         if entry is None:
             self.first_use.take(info.peer)
             return self._trust_on_first_use(username, key, info)
-        identity = self._identity(username, key, entry, entry.access - {"denied"}, info)
+        identity = self._identity(username, key, entry, entry.access.granted(), info)
         return replace(identity, external=True) if external else identity
 
     def _ask_command(
@@ -413,7 +413,7 @@ class AuthorizedKeysChecker:
 
     def _trust_on_first_use(self, username: str, key: keys.Key, info: ConnectionInfo) -> Any:
         entry = authkeys.AuthorizedKey(
-            options=tuple(("access", a) for a in authkeys.TOFU_ACCESS),
+            options=tuple(("access", a) for a in TOFU),
             keytype=key.sshType().decode("ascii"),
             blob=key.blob(),
             comment=f"{username}@{info.peer}",
@@ -435,7 +435,7 @@ class AuthorizedKeysChecker:
                     fingerprint=fingerprint(entry.blob),
                     user=username,
                 )
-            identity = self._identity(username, key, current, current.access - {"denied"}, info)
+            identity = self._identity(username, key, current, current.access.granted(), info)
             return Identity(**{**identity.__dict__, "new_key": new})
 
         def failed(reason: Failure) -> Identity:
@@ -460,17 +460,8 @@ class AuthorizedKeysChecker:
         entry: authkeys.AuthorizedKey | None,
     ) -> certs.CertLogin:
         """A certificate's CA line, its own rules, and its key's line if any; never first use."""
-        if entry is None:
-            raise Refused("this certificate's authority is not trusted here", reason="unknown CA")
-        if entry.denied:
-            raise Refused("this certificate's authority is denied", reason="denied")
         self._enforce(entry, info, self.clock(), ca=True)
-        if entry.hostname is not None or entry.aliases:
-            raise Refused(
-                f"authorized_keys line {entry.lineno}: a cert-authority line cannot give"
-                " hostname= or alias= (every certificate would share them)",
-                reason="bad option",
-            )
+        assert entry is not None  # admits() refuses a missing line
         own = self.keys_file.resolve(cert.key_blob)
         if own is not None and own.denied:
             raise Refused("this key is denied", reason="denied")
@@ -496,14 +487,18 @@ class AuthorizedKeysChecker:
 
     @staticmethod
     def _enforce(
-        entry: authkeys.AuthorizedKey, info: ConnectionInfo, now: float, ca: bool = False
+        entry: authkeys.AuthorizedKey | None, info: ConnectionInfo, now: float, ca: bool = False
     ) -> None:
-        """Every option of ``entry`` that can refuse a login, for any path to a login."""
-        if entry.denied:
-            raise Refused("this key is denied", reason="denied")
-        if entry.cert_authority != ca:
-            raise Refused("this key is not authorized", reason="unknown key")
-        if entry.policy_error is not None:
+        """Every rule of ``entry`` that can refuse a login, for any path to a login.
+
+        The rules are `keyrules.admits`, the same the key watcher applies to
+        live connections; this turns its refusal into the client's banner.
+        """
+        decision = admits(entry, peer=info.peer, peer_name=info.peer_name, now=now, ca=ca)
+        if decision:
+            return
+        if decision.rule == "option":
+            assert entry is not None and entry.policy_error is not None
             log.info(
                 "conn {conn_id}: authorized_keys line {lineno}: {why}; key {fingerprint} refused",
                 conn_id=info.conn_id,
@@ -511,24 +506,14 @@ class AuthorizedKeysChecker:
                 why=entry.policy_error,
                 fingerprint=entry.fingerprint,
             )
-            raise Refused(
-                f"this key's authorized_keys line {entry.lineno} has an option the server"
-                " cannot honour; ask its operator",
-                reason="bad option",
-            )
-        if not authkeys.from_allows(entry, info.peer, info.peer_name):
-            raise Refused(f"this key is not allowed from {info.peer}", reason="from")
-        if entry.policy.expired(now):
-            raise Refused(
-                f"this key expired on {format_time(entry.policy.expires)}", reason="expired"
-            )
+        raise Refused(decision.message, reason=decision.reason)
 
     def _identity(
         self,
         username: str,
         key: keys.Key,
         entry: authkeys.AuthorizedKey | None,
-        access: frozenset[str],
+        access: Access,
         info: ConnectionInfo,
     ) -> Identity:
         blob = key.blob()
@@ -541,7 +526,7 @@ class AuthorizedKeysChecker:
             username=username,
             hostname=hostname,
             aliases=aliases,
-            access=frozenset(access),
+            access=Access(access),
             fingerprint=fingerprint(blob),
             key_blob=blob,
             peer=info.peer,
@@ -634,7 +619,7 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
 
     def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
         """Serialise pipelined requests so that at most one login can ever succeed."""
-        if hasattr(self.transport, "avatar"):
+        if authenticated(self.transport):
             return None
         if self._busy:
             if len(self._queue) >= self.attemptsBeforeDisconnect + 2:
@@ -723,7 +708,7 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
 
     def _done(self, result: object) -> object:
         self._busy = False
-        if not hasattr(self.transport, "avatar") and self.transport.transport is not None:
+        if not authenticated(self.transport) and self.transport.transport is not None:
             self._next()
         return None if isinstance(result, Failure) else result
 
@@ -783,7 +768,7 @@ class SwitchboardUserAuth(userauth.SSHUserAuthServer):
             peer=self.info.peer,
             hostname=avatar.identity.hostname,
             fingerprint=avatar.identity.fingerprint,
-            access=",".join(sorted(avatar.identity.access)) or "none",
+            access=avatar.identity.access.describe(),
             new=" (new key)" if avatar.identity.new_key else _certificate_text(avatar.identity),
         )
         super()._cbFinishedAuth(result)

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from twisted.conch.ssh.keys import Key
 from twisted.logger import Logger
 
+from . import access as _access
+from .access import Access
 from .policy import KeyPolicy, PolicyError, glob_match
 
 __all__ = [
@@ -85,10 +87,10 @@ class AuthorizedKeysUnavailable(OSError):  # noqa: N818 (name fixed by the API)
 
 
 #: Every permission ``access=`` may grant (SPEC.md, "Permissions").
-ACCESS_VALUES = frozenset({"initiate", "listen", "list", "admin", "denied"})
+ACCESS_VALUES = _access.VALUES
 
 #: What a key accepted on first use gets.
-TOFU_ACCESS = ("initiate", "listen")
+TOFU_ACCESS = _access.TOFU
 
 #: Longest line accepted, in UTF-8 bytes. OpenSSH reads lines of any length
 #: but no real key line comes close; a limit keeps hostile files cheap.
@@ -178,14 +180,14 @@ class AuthorizedKey:
         return tuple(v for n, v in self.options if n == name and v is not None)
 
     @property
-    def access(self) -> frozenset[str]:
+    def access(self) -> Access:
         """Every known ``access=`` value; unknown ones grant nothing."""
-        return frozenset(v for v in self._values("access") if v in ACCESS_VALUES)
+        return Access.known(self._values("access"))
 
     @property
     def denied(self) -> bool:
         """True if any ``access="denied"``: it wins over everything else."""
-        return "denied" in self.access
+        return self.access.denied
 
     @property
     def from_patterns(self) -> tuple[str, ...]:
@@ -1263,7 +1265,7 @@ def _resolve(
     bad_lineno = tainted.get(base64.b64encode(blob).decode("ascii"))
     if bad_lineno is not None:
         return AuthorizedKey(
-            (("access", "denied"),),
+            (("access", _access.DENIED),),
             _wire_strings_safe_type(blob),
             blob,
             f"line {bad_lineno} could not be parsed",

@@ -19,6 +19,7 @@ from twisted.cred.portal import IRealm
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .access import INITIATE
 from .auth import ConnectionInfo, Identity
 from .circuit import IOpener, IPendingEnd, OpenRefused
 from .limits import TokenBucket
@@ -81,7 +82,7 @@ class SwitchboardAvatar(ConchUser):
     # tcpip-forward
 
     def global_tcpip_forward(self, data: bytes) -> Any:
-        if "initiate" not in self.identity.access:
+        if INITIATE not in self.identity.access:
             self._refuseForward("key lacks access=initiate")
             return 0
         if not self.forwardBudget.take():

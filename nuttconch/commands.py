@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import admin
+from .access import ADMIN, LIST, Access
 from .names import escape
 from .result import Result as Result  # re-exported: callers read commands.Result
 
@@ -62,7 +63,7 @@ def whoami(avatar: Any) -> Result:
 
 
 def listeners(avatar: Any) -> Result:
-    if "list" not in avatar.identity.access:
+    if LIST not in avatar.identity.access:
         return Result(
             1, err="Permission denied: this key may not list listeners (needs access=list)\n"
         )
@@ -98,13 +99,13 @@ def help_text(avatar: Any, shell: bool = False) -> Result:
         "  help        this text",
     ]
     access = avatar.identity.access
-    if "admin" in access or "list" in access:
+    if ADMIN in access or LIST in access:
         lines += [
             "  listeners --json           the same as JSON",
             "  circuits [--json]          open circuits with age and bytes (list or admin)",
             "  stats [--json]             counters and totals (list or admin)",
         ]
-    if "admin" in access:
+    if ADMIN in access:
         lines += [
             "Administration (access=admin):",
             "  keys [--json]              authorized keys with options and fingerprints",
@@ -123,7 +124,7 @@ class Command:
     """A command: its handler, who may run it, and whether it takes arguments."""
 
     handler: Callable[[Any, list[str]], Result]
-    needs: frozenset[str] = frozenset()  # any one of these access values; empty: anyone
+    needs: Access = Access()  # any one of these access values; empty: anyone
     takes_args: bool = True
 
 
@@ -139,7 +140,7 @@ def _listeners_cmd(avatar: Any, args: list[str]) -> Result:
         return listeners(avatar)
     if args != ["--json"]:
         return Result(2, err="usage: listeners [--json]\n")
-    if "list" not in avatar.identity.access:
+    if LIST not in avatar.identity.access:
         return listeners(avatar)  # the same refusal as without --json
     return admin.listeners_json(avatar)
 
@@ -153,8 +154,8 @@ def _admin(name: str) -> Callable[[Any, list[str]], Result]:
     return run_it
 
 
-_ADMIN = frozenset({"admin"})
-_VIEW = frozenset({"admin", "list"})
+_ADMIN = Access({ADMIN})
+_VIEW = Access({ADMIN, LIST})
 
 COMMANDS: dict[str, Command] = {
     "whoami": Command(_no_args(whoami), takes_args=False),

@@ -20,6 +20,7 @@ from twisted.conch.ssh import transport as conch_transport
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from .access import LISTEN
 from .budget import budget_of
 from .circuit import Circuit, ClientEnd, ICircuitEnd, InitiatorEnd, IPendingEnd, OpenRefused
 from .logs import conch_logger
@@ -454,7 +455,7 @@ class SwitchboardConnection(connection.SSHConnection):
     ) -> None:
         avatar = self.avatar
         peer = self.transport._peerHost
-        if "listen" not in avatar.identity.access:
+        if LISTEN not in avatar.identity.access:
             log.info(
                 "conn {conn_id}: circuit refused, key {fingerprint} lacks access=listen",
                 conn_id=self.transport.connId,

@@ -22,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
+from .access import authenticated
+
 log = Logger()
 
 OUTCOMES = ("ok", "no_such_name", "refused", "initiator_refused", "timeout")
@@ -51,7 +53,7 @@ def connection_states(factory: Any) -> dict[str, int]:
     """Connections by state: still authenticating, or authenticated."""
     states = {"unauthenticated": 0, "authenticated": 0}
     for transport in list(factory.transports):
-        states["authenticated" if hasattr(transport, "avatar") else "unauthenticated"] += 1
+        states["authenticated" if authenticated(transport) else "unauthenticated"] += 1
     return states
 
 

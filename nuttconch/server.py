@@ -22,11 +22,13 @@ from twisted.logger import Logger
 from twisted.python import threadable
 
 from . import authkeys, certs
+from .access import authenticated
 from .admission import Admission
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
 from .connection import SwitchboardConnection
 from .events import EventBus
+from .keyrules import admits
 from .logs import conch_logger
 from .names import InvalidName
 from .policy import KeyPolicy, PolicyError
@@ -247,13 +249,13 @@ class SwitchboardFactory(conch_factory.SSHFactory):
 
     def _applyAccess(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> None:
         """A changed access= or key option takes effect at once on the live connection."""
-        access = frozenset(entry.access - {"denied"}) if entry is not None else None
+        access = entry.access.granted() if entry is not None else None
         if access is not None and access != avatar.identity.access:
             log.info(
                 "conn {conn_id}: access of {fingerprint} is now {access}",
                 conn_id=avatar.info.conn_id,
                 fingerprint=avatar.identity.fingerprint,
-                access=",".join(sorted(access)) or "none",
+                access=access.describe(),
             )
             avatar.identity = dataclasses.replace(avatar.identity, access=access)
         policy = _policyOf(avatar.identity, entry) if entry is not None else None
@@ -268,31 +270,29 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             avatar.scheduleExpiry()
 
     def _stillAuthorized(self, avatar: Any, entry: authkeys.AuthorizedKey | None) -> str | None:
+        """Why the connection must close, or None.
+
+        The line's rules are `keyrules.admits`, the ones a login meets; what
+        is left here is whether the login's own outcome (its certificate's
+        policy, its names) would still come out the same.
+        """
         identity = avatar.identity
-        if entry is None and identity.certificate is not None:
-            return "its certificate authority removed from authorized_keys"
+        listener = avatar.listener
+        decision = admits(
+            entry,
+            peer=identity.peer,
+            peer_name=identity.peer_name,
+            now=time.time(),
+            ca=identity.certificate is not None,
+            external=identity.external,
+            holds_ports=avatar.holdsPorts(),
+            ports=listener.ports.items() if listener is not None else (),
+        )
+        if not decision:
+            return decision.live
         if entry is None:
-            if identity.external:
-                return None  # admitted by authorized_keys_command; the file never had it
-            return "key removed from authorized_keys"
-        if entry.denied:
-            return "key denied in authorized_keys"
-        if entry.policy_error is not None:
-            return f"authorized_keys line {entry.lineno} has an option that cannot be honoured"
-        if not authkeys.from_allows(entry, identity.peer, identity.peer_name):
-            return "key no longer allowed from this address"
-        if entry.policy.expired(time.time()):
-            return "key expired"
-        if avatar.holdsPorts() and "initiate" not in entry.access:
-            return "key lost access=initiate while holding virtual ports"
-        if avatar.listener is not None:
-            for port, bind_host in sorted(avatar.listener.ports.items()):
-                if entry.policy.listen_refusal(bind_host, port) is not None:
-                    return f"key's options no longer allow virtual port {port}"
+            return None  # admitted by authorized_keys_command; the file never had it
         if identity.certificate is not None:
-            # Names come from the certificate; its CA line may not name hosts.
-            if entry.hostname is not None or entry.aliases:
-                return "the certificate authority's line now gives hostname= or alias="
             try:
                 _policyOf(identity, entry)
             except PolicyError as exc:
@@ -326,14 +326,14 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def transportLost(self, transport: SwitchboardTransport) -> None:
         self.transports.discard(transport)
         self.preauthDone(transport)
-        if not hasattr(transport, "avatar") and not self.stopping:
+        if not authenticated(transport) and not self.stopping:
             self.penalise(transport._peerHost, transport.penaltyKind)
         self.emit(
             "connection.close",
             conn_id=transport.connId,
             peer=transport._peerHost,
             reason=transport._closeReason,
-            authenticated=hasattr(transport, "avatar"),
+            authenticated=authenticated(transport),
         )
         waiter = self._lost.pop(transport, None)
         if waiter is not None:

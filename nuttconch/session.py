@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import commands
+from .access import ADMIN
 from .logs import conch_logger
 from .names import escape
 
@@ -247,7 +248,7 @@ class SessionHandler:
             # As sshd: a key's command= replaces the shell too.
             self.execCommand(proto, b"")
             return
-        if self.pty and "admin" in identity.access and self.avatar.config.enable_shell:
+        if self.pty and ADMIN in identity.access and self.avatar.config.enable_shell:
             server, port = self._serverName
             terminal = insults.ServerProtocol(AdminShell, self.avatar, server, port)
             self._connect(proto, terminal)
@@ -271,7 +272,7 @@ class SessionHandler:
         self.greeting = True
         server, port = self._serverName
         text = commands.greeting(self.avatar, server, port)
-        if self.pty and "admin" in identity.access:
+        if self.pty and ADMIN in identity.access:
             text += "The interactive shell is disabled on this server; exec commands work.\n"
         proto.write(_crlf(text) if self.pty else text.encode("utf-8"))
         self.avatar.sessions.append(self)
@@ -279,7 +280,7 @@ class SessionHandler:
     def _noShellReason(self) -> str:
         """Why a terminal session gets no shell, and what the user can do instead."""
         server, port = self._serverName
-        if "admin" not in self.avatar.identity.access:
+        if ADMIN not in self.avatar.identity.access:
             why = "this key has no interactive shell (that needs access=admin)"
         else:
             why = "the interactive shell is disabled on this server (enable_shell = false)"

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import access
 from .crypto import (
     DEFAULT_CIPHERS,
     DEFAULT_KEX,
@@ -98,6 +99,15 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     _peerHost: str = "?"
     connId: int = 0
     _closeReason = "connection lost"
+
+    @property
+    def isAuthenticated(self) -> bool:
+        """Whether user authentication finished (Conch then sets ``avatar``).
+
+        Not ``authenticated``: that name is the hook called when it happens.
+        """
+        return access.authenticated(self)
+
     firstKexDone = False
     gotKexInit = False
     bytesIn = 0
@@ -207,7 +217,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if getattr(self.transport, "disconnecting", False):
             return
-        if messageNum >= 80 and not hasattr(self, "avatar"):
+        if messageNum >= 80 and not self.isAuthenticated:
             # Connection-protocol messages (channels, global requests) before login.
             self.protocolError(f"message {messageNum} before authentication")
             return
@@ -270,7 +280,7 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         if (
             self.firstKexDone
             and service is not None
-            and hasattr(self, "avatar")
+            and self.isAuthenticated
             and not self._kexInitReceived
             and not getattr(self.transport, "disconnecting", False)
         ):
@@ -396,11 +406,15 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         if getattr(self.transport, "disconnecting", False):
             return
         self._closeReason = f"disconnected by server ({escape(desc[:200])})"
-        if reason in (
-            conch_transport.DISCONNECT_PROTOCOL_ERROR,
-            conch_transport.DISCONNECT_MAC_ERROR,
-            conch_transport.DISCONNECT_KEY_EXCHANGE_FAILED,
-        ) and not hasattr(self, "avatar"):
+        if (
+            reason
+            in (
+                conch_transport.DISCONNECT_PROTOCOL_ERROR,
+                conch_transport.DISCONNECT_MAC_ERROR,
+                conch_transport.DISCONNECT_KEY_EXCHANGE_FAILED,
+            )
+            and not self.isAuthenticated
+        ):
             self.penaltyKind = "garbage"
         self.sendPacket(
             conch_transport.MSG_DISCONNECT,

@@ -643,7 +643,10 @@ class HopSlowClientTests(TwoNodeMixin, unittest.TestCase):
         sent = history[-1]
         print(f"\nslow client behind the hop: device sent {sent}, queued {queued}, window {window}")
         self.assertLess(queued, 4 * window, f"queued {queued} with window {window}")
-        self.assertLess(sent, factory.size // 4)  # type: ignore[attr-defined]
+        # What the device got rid of also sits in kernel socket buffers and in the two ssh
+        # clients (autotuned loopback buffers reach several MiB each on a busy machine):
+        # held back means well short of the whole 64 MiB, which the nodes' queue bounds.
+        self.assertLess(sent, factory.size // 2)  # type: ignore[attr-defined]
 
 
 class InstallTests(unittest.TestCase):

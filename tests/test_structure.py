@@ -102,6 +102,76 @@ class ImportCycleTests(unittest.TestCase):
         self.assertEqual(import_cycles(graph), [])
 
 
+def avatar_probes(source: str) -> list[int]:
+    """Lines that test "authenticated" by ``hasattr(x, "avatar")`` (or getattr's
+    default), instead of the one spelling, `nuttconch.access.authenticated`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "hasattr"
+            and len(node.args) == 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value == "avatar"
+        ):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def access_literals(source: str) -> list[int]:
+    """Lines that test an access value spelled as a string (``"admin" in x.access``)
+    instead of naming access's constant."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, str)
+            and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)
+            and any(isinstance(c, ast.Attribute) and c.attr == "access" for c in node.comparators)
+        ):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def _package_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+class AccessSpellingTests(unittest.TestCase):
+    """Issue 10.3: "authenticated" and access values are each spelled one way."""
+
+    def test_finders_see_the_old_spellings(self) -> None:
+        """The finders below are not vacuous: they find what they forbid."""
+        source = (
+            'if hasattr(self.transport, "avatar"):\n    pass\n'
+            'ok = hasattr(t, "avatar") and "admin" in identity.access\n'
+            'fine = hasattr(t, "avatars") or ADMIN in identity.access or "a" in names\n'
+            'if "initiate" not in avatar.identity.access:\n    pass\n'
+        )
+        self.assertEqual(avatar_probes(source), [1, 3])
+        self.assertEqual(access_literals(source), [3, 5])
+
+    def test_no_hasattr_avatar(self) -> None:
+        """No module asks ``hasattr(..., "avatar")``: they call access.authenticated."""
+        found = [
+            f"{path.relative_to(PACKAGE)}:{n}"
+            for path in _package_files()
+            for n in avatar_probes(path.read_text(encoding="utf-8"))
+        ]
+        self.assertEqual(found, [])
+
+    def test_no_access_values_as_strings(self) -> None:
+        """No module tests ``"admin" in x.access``: the values are access's constants."""
+        found = [
+            f"{path.relative_to(PACKAGE)}:{n}"
+            for path in _package_files()
+            for n in access_literals(path.read_text(encoding="utf-8"))
+        ]
+        self.assertEqual(found, [])
+
+
 class HiddenStateTests(unittest.TestCase):
     def test_no_module_level_counters(self) -> None:
         """No module keeps an ``itertools.count`` at module level: ids are numbered by

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..access import HOP, Access
 from ..auth import ConnectionInfo, Identity, Refused, fingerprint
 from ..circuit import InitiatorEnd, IOpener, IPendingEnd, OpenRefused
 from ..connection import (
@@ -151,7 +152,7 @@ class ClusterKeyChecker:
             username=node,
             hostname=f"node {node}",
             aliases=(),
-            access=frozenset({"hop"}),
+            access=Access({HOP}),
             fingerprint=fingerprint(blob),
             key_blob=blob,
             peer=info.peer,
