@@ -39,16 +39,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (bench/run.py: processes, device, load client, sshd)
-from run import MIB, PY, REPO, Env, Sshd, free_port, load, log, ssh_common, start, stop  # noqa: E402
+from run import (  # noqa: E402
+    MIB, PINNED, PY, REPO, Env, Sshd, free_port, load, log, ssh_common, start, stop,
+)  # fmt: skip
 
 SIDES = ["same-node", "cross-node", "sshd"]
-#: The client legs' algorithms on every side. bench/run.py's PINNED names hmac-sha2-256,
-#: which nuttconch no longer offers by default (EtM MACs only): the EtM form here.
-PINNED = [
-    "-o", "Ciphers=aes128-ctr",
-    "-o", "MACs=hmac-sha2-256-etm@openssh.com",
-    "-o", "KexAlgorithms=curve25519-sha256",
-]  # fmt: skip
 
 
 class Cluster:
