@@ -40,7 +40,18 @@ sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (bench/run.py: processes, device, load client, sshd)
 from run import (  # noqa: E402
-    MIB, PINNED, PY, REPO, Env, Sshd, free_port, load, log, ssh_common, start, stop,
+    MIB,
+    PINNED,
+    PY,
+    REPO,
+    Env,
+    Sshd,
+    free_port,
+    load,
+    log,
+    ssh_common,
+    start,
+    stop,
 )  # fmt: skip
 
 SIDES = ["same-node", "cross-node", "sshd"]
