@@ -22,7 +22,7 @@ from . import authkeys
 from .auth import SwitchboardUserAuth, login_names
 from .budget import ConnectionLimits, MemoryBudget
 from .connection import SwitchboardConnection
-from .limits import Penalties, Startups
+from .limits import DescriptorGuard, Penalties, Startups, open_file_limit
 from .logs import conch_logger
 from .names import InvalidName
 from .transport import SwitchboardTransport
@@ -69,6 +69,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         self.stopping = False
         start, rate, full = config.max_startups
         self.startups = Startups(start, rate, full, config.per_source_max_startups)
+        self.descriptors = DescriptorGuard(*open_file_limit(), clock=self.clock.seconds)
         exempt = config.per_source_penalty_exempt_list
         self.penalties = Penalties(
             clock=self.clock.seconds,
@@ -118,6 +119,9 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         if self.stopping:
             return None
         host = getattr(addr, "host", "?")
+        if not self.descriptors.admit(len(self.transports)):
+            self._descriptorsFull()
+            return None
         if self.penalties.refused(host):
             self._drop(host, "source is penalised")
             return None
@@ -260,6 +264,19 @@ class SwitchboardFactory(conch_factory.SSHFactory):
             if age >= STALLER_AGE or (age >= NO_KEXINIT_AGE and not transport.gotKexInit):
                 return transport
         return None
+
+    def _descriptorsFull(self) -> None:
+        """Near the open-file limit: one line an interval, not one per refused socket."""
+        self.dropped += 1
+        count = self.descriptors.report()
+        if count is not None:
+            log.warn(
+                "near the open-file limit ({limit}): refused {count} new connection(s) since"
+                " the last such line; still serving {n} connections",
+                limit=self.descriptors.limit,
+                count=count,
+                n=len(self.transports),
+            )
 
     def _drop(self, host: str, reason: str) -> None:
         """Count every drop; log at most one line per source and reason a minute."""

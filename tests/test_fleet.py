@@ -1,0 +1,276 @@
+"""Fleet scale (issue 13): admission sized for fleets, reconnect storms, the open-file limit.
+
+The fleets are real SSH clients (asyncssh, ``bench/fleet.py``) in a child
+process, so the server in this process meets them as it would meet devices:
+each from its own loopback address of 127.0.0.0/8, all at the same moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor, task, utils
+from twisted.trial import unittest
+
+from nuttconch.limits import DescriptorGuard, Startups
+from nuttconch.tap import LISTEN_BACKLOG
+from tests.harness import SwitchboardTestMixin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLEET = os.path.join(ROOT, "bench", "fleet.py")
+
+
+class _Dice:
+    """A random source that always rolls ``value`` (0 drops whenever dropping is possible)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+class AdmissionRuleTests(unittest.TestCase):
+    """Startups.admit, rule by rule: (state before, newcomer, expected answer)."""
+
+    # start, full, per_source; pending connections by source; newcomer; dice; expected
+    CASES: list[tuple[str, tuple[int, int, int], dict[str, int], str, float, str | None]] = [
+        ("empty table admits", (10, 100, 5), {}, "10.0.0.1", 0.0, None),
+        (
+            "a fresh source past start is not early-dropped",
+            (10, 100, 5),
+            {f"10.0.1.{i}": 1 for i in range(50)},
+            "10.0.0.1",
+            0.0,
+            None,
+        ),
+        (
+            "a source already pending past start meets the dice",
+            (10, 100, 5),
+            {**{f"10.0.1.{i}": 1 for i in range(50)}, "10.0.0.1": 1},
+            "10.0.0.1",
+            0.0,
+            "startups early drop",
+        ),
+        (
+            "...and a lucky roll admits it",
+            (10, 100, 5),
+            {**{f"10.0.1.{i}": 1 for i in range(50)}, "10.0.0.1": 1},
+            "10.0.0.1",
+            0.999,
+            None,
+        ),
+        (
+            "below start nobody is dropped",
+            (10, 100, 5),
+            {"10.0.0.1": 4},
+            "10.0.0.1",
+            0.0,
+            None,
+        ),
+        (
+            "one address holds at most its share",
+            (10, 100, 5),
+            {"10.0.0.1": 5},
+            "10.0.0.1",
+            0.999,
+            "per-source startups exceeded",
+        ),
+        (
+            "an IPv6 /64 is one source",
+            (10, 100, 2),
+            {"2001:db8::/64": 2},
+            "2001:db8::77",
+            0.999,
+            "per-source startups exceeded",
+        ),
+        (
+            "a full table refuses even a fresh source (the caller evicts a staller)",
+            (10, 100, 5),
+            {f"10.0.{i // 250}.{i % 250}": 1 for i in range(100)},
+            "10.9.9.9",
+            0.999,
+            "startups full",
+        ),
+    ]
+
+    def test_rules(self) -> None:
+        """Each row of CASES gives the expected answer, and counts only what it admits."""
+        for name, (start, full, per_source), pending, host, dice, expected in self.CASES:
+            startups = Startups(start, 30, full, per_source, rng=_Dice(dice))  # type: ignore[arg-type]
+            startups.by_source = dict(pending)
+            startups.total = sum(pending.values())
+            before = startups.total
+            got = startups.admit(host)
+            self.assertEqual(got, expected, name)
+            self.assertEqual(startups.total, before + (1 if expected is None else 0), name)
+
+    def test_defaults_fit_a_fleet(self) -> None:
+        """With the shipped defaults, 200 devices from 200 addresses all get in at once."""
+        from nuttconch import config as configmod
+
+        cfg = configmod.load(os.devnull)
+        start, rate, full = cfg.max_startups
+        startups = Startups(start, rate, full, cfg.per_source_max_startups, rng=_Dice(0.0))  # type: ignore[arg-type]
+        answers = [startups.admit(f"127.1.0.{i}") for i in range(2, 202)]
+        self.assertEqual(answers, [None] * 200)
+        # Also the other way round: 2,000 stallers stand and one more device gets in.
+        for i in range(2000):
+            startups.admit(f"127.2.{i // 40}.1")
+        self.assertIsNone(startups.admit("127.3.0.1"))
+        self.assertLessEqual(startups.by_source["127.2.0.1"], cfg.per_source_max_startups)
+
+
+class DescriptorGuardTests(unittest.TestCase):
+    """(limit, baseline, open connections) -> admitted; and the log line once an interval."""
+
+    def test_ceiling(self) -> None:
+        rows = [
+            # limit, baseline, open, admitted
+            (1024, 10, 0, True),
+            (1024, 10, 981, True),  # 1024 - 32 headroom - 10 baseline = 982
+            (1024, 10, 982, False),
+            (20000, 20, 19579, True),  # 2% headroom = 400
+            (20000, 20, 19580, False),
+            (0, 0, 10**9, True),  # unknown limit: never refuse
+        ]
+        for limit, baseline, count, admitted in rows:
+            guard = DescriptorGuard(limit, baseline, clock=lambda: 0.0)
+            self.assertEqual(guard.admit(count), admitted, (limit, baseline, count))
+
+    def test_one_line_an_interval(self) -> None:
+        clock = task.Clock()
+        guard = DescriptorGuard(100, 0, clock=clock.seconds, interval=60)
+        lines = []
+        for _second in range(180):
+            clock.advance(1)
+            for _ in range(50):
+                self.assertFalse(guard.admit(100))
+                count = guard.report()
+                if count is not None:
+                    lines.append(count)
+        self.assertEqual(guard.refused, 9000)
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[0], 1)  # the first refusal is said at once
+
+
+def run_fleet(*args: str, timeout: float = 120) -> defer.Deferred[dict[str, Any]]:
+    """Run bench/fleet.py to completion; fires with its JSON answer."""
+    d = utils.getProcessOutputAndValue(
+        sys.executable, [FLEET, *args], env=dict(os.environ), path=ROOT
+    )
+
+    def parse(result: tuple[bytes, bytes, int]) -> dict[str, Any]:
+        out, err, code = result
+        if code != 0:
+            raise AssertionError(f"fleet.py exited {code}: {err.decode(errors='replace')[-2000:]}")
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+    d.addCallback(parse)
+    d.addTimeout(timeout, reactor)
+    return d
+
+
+class Fleet(protocol.ProcessProtocol):
+    """bench/fleet.py held open: ``lines`` fires with each JSON line it prints."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: list[dict[str, Any]] = []
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.events.append(json.loads(line))
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        if not self.ended.called:
+            self.transport.closeStdin()
+        return self.ended
+
+
+def spawn_fleet(testcase: Any, *args: str) -> Fleet:
+    child = Fleet()
+    reactor.spawnProcess(
+        child, sys.executable, [sys.executable, FLEET, *args], env=dict(os.environ), path=ROOT
+    )
+    testcase.addCleanup(child.stop)
+    return child
+
+
+class FleetLoginTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 13.1 end to end, with the shipped admission defaults."""
+
+    timeout = 240
+
+    def startServer(self, **overrides: str) -> Any:
+        """As the harness, but listening with the server's own backlog (tap.LISTEN_BACKLOG):
+        with the harness's 50, a fleet's SYNs beyond it wait a one-second retransmit."""
+        result = super().startServer(**overrides)
+        self.listening.stopListening()
+        self.listening = reactor.listenTCP(
+            0, self.factory, backlog=LISTEN_BACKLOG, interface="127.0.0.1"
+        )
+        self.port = self.listening.getHost().port
+        return result
+
+    @defer.inlineCallbacks
+    def test_200_first_logins_at_once(self) -> Any:
+        """200 new devices from 200 addresses, all at the same moment: all trusted, first try."""
+        before = open(self.akfile).read().count("\n")
+        result = yield run_fleet(
+            "burst", "--port", str(self.port), "--count", "200", "--fresh-keys", "--spread"
+        )
+        self.assertEqual(result["failed"], 0, result["reasons"])
+        self.assertEqual(result["ok"], 200)
+        after = open(self.akfile).read().count("\n")
+        self.assertEqual(after - before, 200, "each first login adds one trusted key")
+        self.assertEqual(self.factory.dropped, 0)
+
+    @defer.inlineCallbacks
+    def test_200_known_initiators_at_once(self) -> Any:
+        """200 known devices (one fleet key, as a fleet image has) log in at once: all first try."""
+        key = self.key("fleet", options='access="initiate"')
+        result = yield run_fleet(
+            "burst", "--port", str(self.port), "--count", "200", "--key", key, "--spread"
+        )
+        self.assertEqual(result["failed"], 0, result["reasons"])
+        self.assertEqual(self.factory.dropped, 0)
+
+    @defer.inlineCallbacks
+    def test_login_while_2000_stall(self) -> Any:
+        """A device logs in on its first try while 2,000 stalled handshakes stand, and one
+        address cannot hold more than its share of them."""
+        stallers = spawn_fleet(
+            self, "stall", "--port", str(self.port), "--count", "2000", "--per-address", "1"
+        )
+        yield self.waitFor(lambda: stallers.events, 60, "2000 stallers connected")
+        self.assertEqual(stallers.events[0]["held"], 2000, stallers.events)
+        yield self.waitFor(lambda: self.factory.startups.total >= 2000, 30, "2000 pending")
+        key = self.key("legit", options='access="initiate"')
+        out, err, code = yield self.ssh(key, "legit", "-T", command=("whoami",))
+        self.assertEqual(code, 0, err)
+        self.assertGreaterEqual(self.factory.startups.total, 1999, "the stallers still stand")
+        # One more address tries to hold 100: it gets its share, the rest are closed.
+        greedy = []
+        for _ in range(100):
+            sock = socket.socket()
+            sock.bind(("127.3.0.1", 0))
+            sock.connect(("127.0.0.1", self.port))
+            greedy.append(sock)
+        self.addCleanup(lambda: [s.close() for s in greedy])
+        share = self.config.per_source_max_startups
+        yield self.waitFor(
+            lambda: self.factory.startups.by_source.get("127.3.0.1") == share, 10, "share held"
+        )
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(self.factory.startups.by_source.get("127.3.0.1"), share)
