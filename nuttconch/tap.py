@@ -213,5 +213,11 @@ def makeService(options: Options) -> service.IService:
 
     if not options["no-metrics"]:
         install_operations(factory, cfg, top)
-    log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
+    worker = f" as worker {options['worker']}" if options["worker"] else ""
+    log.info(
+        "nuttconch listening on {endpoint}{worker} (config {path})",
+        endpoint=endpoint,
+        worker=worker,
+        path=cfg.path,
+    )
     return top
