@@ -1,5 +1,7 @@
 """``python -m nuttconch`` / ``nuttconch``: the same as ``twistd -n nuttconch``.
 
+``nuttconch --prepare [--config PATH]`` creates the host keys, the alias secret and
+authorized_keys, then exits (for ``ExecStartPre`` of the systemd template unit).
 ``nuttconch --workers N [options]`` runs N worker processes sharing the SSH port
 (SO_REUSEPORT) under a small supervisor, for places without systemd (a Docker
 container): one Conch process is one core.
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nuttconch: {exc}") from None
     if workers is not None:
         raise SystemExit(supervise(workers, rest))
+    if "--prepare" in rest:
+        # For systemd's ExecStartPre: make keys once, before instances start together.
+        prepare([a for a in rest if a != "--prepare"])
+        return
     from twisted.scripts.twistd import run
 
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "nuttconch", *rest]

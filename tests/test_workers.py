@@ -193,3 +193,88 @@ def _alive(pid: int) -> bool:
             return "zombie" not in handle.read()
     except OSError:
         return False
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _readme_blocks(heading: str) -> list[str]:
+    """The command blocks of one README section (from ``heading`` to the next heading)."""
+    text = _read("README.md")
+    start = text.index(heading)
+    end = min(
+        i
+        for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1), len(text))
+        if i > 0
+    )
+    return text[start:end].split("```")[1::2]
+
+
+class DeployInStepTests(unittest.TestCase):
+    """The README's Cluster section, the compose file and the systemd template agree."""
+
+    def test_compose_cluster(self) -> None:
+        """The README's command names the compose file; the file runs Redis and two nodes
+        with --workers, each mounting the cluster ini, which loads with reuse_port on."""
+        from nuttconch import config as configmod
+
+        blocks = _readme_blocks("### docker compose: Redis and two nodes")
+        self.assertIn("docker compose -f deploy/compose.cluster.yml up -d --build", blocks[0])
+        compose = _read("deploy/compose.cluster.yml")
+        self.assertIn("docker compose -f deploy/compose.cluster.yml up -d --build", compose)
+        for service in ("  redis:", "  node1:", "  node2:"):
+            self.assertIn(service, compose)
+        self.assertEqual(compose.count('command: ["nuttconch", "--workers", "2"]'), 2)
+        self.assertEqual(compose.count("./nuttssh.cluster.ini:/etc/nuttconch/nuttssh.ini:ro"), 2)
+        self.assertEqual(compose.count("keys:/var/lib/nuttconch/keys"), 2)
+        cfg = configmod.load(os.path.join(ROOT, "deploy", "nuttssh.cluster.ini"))
+        self.assertTrue(cfg.reuse_port)
+        self.assertEqual(cfg.host_key_dir, "/var/lib/nuttconch/keys")
+
+    def test_systemd_template(self) -> None:
+        """The README's commands install and enable the template unit its comment names;
+        instances share the port, prepare keys once under a lock, and are sandboxed as
+        the single unit is."""
+        blocks = _readme_blocks("### Several processes on one machine")
+        self.assertIn("nuttconch --workers 2", blocks[0])
+        unit = _read("deploy/nuttconch@.service")
+        for command in (
+            "install -m 0644 deploy/nuttconch@.service /etc/systemd/system/",
+            "systemctl daemon-reload && systemctl enable --now nuttconch@1 nuttconch@2",
+        ):
+            self.assertIn(command, blocks[1])
+            self.assertIn(command, unit)
+        self.assertIn("--reuse-port --worker %i", unit)
+        self.assertIn("ExecStartPre=/usr/bin/flock", unit)
+        self.assertIn("nuttconch --prepare", unit)
+        single = _read("deploy/nuttconch.service")
+        sandbox = [
+            line
+            for line in single.splitlines()
+            if line.startswith(("Protect", "Private", "Restrict", "NoNewPrivileges", "System"))
+        ]
+        self.assertGreater(len(sandbox), 10)
+        for line in sandbox:
+            self.assertIn(line + "\n", unit)
+
+    def test_prepare_creates_keys_once(self) -> None:
+        """``nuttconch --prepare`` makes host keys, secret and authorized_keys, then exits."""
+        import subprocess
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        ini = os.path.join(work, "nuttssh.ini")
+        with open(ini, "w") as handle:
+            handle.write(f"[keys]\nhost_key_dir = {work}/keys\nhost_key_rsa =\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "nuttconch", "--prepare", "--config", ini],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        made = sorted(os.listdir(os.path.join(work, "keys")))
+        self.assertIn("authorized_keys", made)
+        self.assertIn("ssh_host_ed25519_key", made)
