@@ -11,14 +11,15 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor, task, utils
+from twisted.internet import defer, protocol, reactor, task, threads, utils
 from twisted.trial import unittest
 
 from nuttconch.limits import DescriptorGuard, Startups
 from nuttconch.tap import LISTEN_BACKLOG
-from tests.harness import SwitchboardTestMixin
+from tests.harness import SwitchboardTestMixin, listen_echo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLEET = os.path.join(ROOT, "bench", "fleet.py")
@@ -274,3 +275,125 @@ class FleetLoginTests(SwitchboardTestMixin, unittest.TestCase):
         )
         yield task.deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(self.factory.startups.by_source.get("127.3.0.1"), share)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+FD_LIMIT = 128
+
+
+class OpenFileLimitTests(SwitchboardTestMixin, unittest.TestCase):
+    """Issue 13.3: a server whose open-file limit is 128 (soft and hard, so it cannot
+    raise it), run as its own process, meets 300 connections at once."""
+
+    timeout = 120
+
+    def startServer(self, **overrides: str) -> Any:
+        from tests.test_twistd import _Child, free_port
+
+        self.port = free_port()
+        self.config = None
+        self.writeConfig(listen_port=str(self.port), **overrides)
+        script = (
+            "import resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, {FD_LIMIT}))\n"
+            "from nuttconch.__main__ import main\n"
+            "main(['--config', sys.argv[1]])\n"
+        )
+        self.server = _Child()
+        reactor.spawnProcess(
+            self.server,
+            sys.executable,
+            [sys.executable, "-c", script, os.path.join(self.dir, "nuttssh.ini")],
+            env={**os.environ, "PYTHONPATH": ROOT},
+            path=self.dir,
+        )
+        self.addCleanup(self.stopServer)
+        return self.waitFor(lambda: "listening on" in self.server.output, 30, "server up")
+
+    @defer.inlineCallbacks
+    def stopServer(self) -> Any:
+        for proc in list(self.processes):
+            yield proc.kill()
+        if self.server.running:
+            self.server.transport.signalProcess("TERM")
+            yield self.server.ended
+
+    @defer.inlineCallbacks
+    def test_at_the_limit(self) -> Any:
+        """Past the limit new connections are closed at once, the established ones keep
+        carrying circuits, the refusals are one log line, the server does not spin, and
+        once the flood goes new logins work again."""
+        self.assertIn(f"open-file limit: {FD_LIMIT}", self.server.output)
+        target = listen_echo(self)
+        initiator = self.spawn(self.key("k1"), "user1", "-n", "-R", f"6379:localhost:{target}")
+        yield initiator.waitOutput(b"-N -L 6379:", timeout=30)
+        name = initiator.out.split(b"-N -L 6379:")[1].split(b":")[0].decode()
+        from tests.test_twistd import free_port
+
+        lport = free_port()
+        self.spawn(self.key("k2"), "user2", "-N", "-L", f"{lport}:{name}:6379", stdin=None)
+
+        def echo(payload: bytes) -> bytes:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", lport), timeout=10) as sock:
+                        sock.sendall(payload)
+                        sock.shutdown(socket.SHUT_WR)
+                        got = b""
+                        while part := sock.recv(65536):
+                            got += part
+                        if got or time.monotonic() > deadline:
+                            return got
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.2)
+
+        got = yield threads.deferToThread(echo, b"before")
+        self.assertEqual(got, b"before")
+
+        def flood() -> tuple[list[socket.socket], int]:
+            socks, banners = [], 0
+            for i in range(300):
+                sock = socket.socket()
+                sock.bind((f"127.5.{i // 250}.{1 + i % 250}", 0))  # not one source's share
+                sock.settimeout(5)
+                sock.connect(("127.0.0.1", self.port))
+                socks.append(sock)
+            time.sleep(1.0)
+            for sock in socks:
+                sock.setblocking(False)
+                try:
+                    if sock.recv(256).startswith(b"SSH-2.0-"):
+                        banners += 1
+                except OSError:
+                    pass
+            return socks, banners
+
+        socks, banners = yield threads.deferToThread(flood)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        self.assertLess(banners, FD_LIMIT, "the ones past the limit got no banner")
+        self.assertGreater(banners, 30, "the server served until near its limit")
+        pid = self.server.transport.pid
+        cpu0 = cpu_seconds(pid)
+        got = yield threads.deferToThread(echo, b"during the flood")
+        self.assertEqual(got, b"during the flood", "an established connection still serves")
+        yield task.deferLater(reactor, 3, lambda: None)
+        cpu = cpu_seconds(pid) - cpu0
+        self.assertLess(cpu, 1.0, f"server CPU {cpu:.2f} s in ~3 s at the limit: a busy loop")
+        log = self.server.output
+        self.assertEqual(log.count("near the open-file limit"), 1, log[-3000:])
+        self.assertNotIn("EMFILE", log)
+        self.assertNotIn("Traceback", log)
+        for sock in socks:
+            sock.close()
+        yield self.waitFor(lambda: True, 1)
+        out, err, code = yield self.ssh(self.key("k3"), "user3", command=("whoami",))
+        self.assertEqual(code, 0, err)
+        print(f"\nfd limit {FD_LIMIT}: {banners} of 300 got a banner; CPU {cpu:.2f} s in 3 s")
