@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import paging
 from .names import escape
 
 MAX_COMMAND = 1024
@@ -63,14 +64,16 @@ def whoami(avatar: Any) -> Result:
     return Result(0, "\n".join(lines) + "\n")
 
 
-def listeners(avatar: Any) -> Result:
+def listeners(avatar: Any, page: paging.Page | None = None) -> Result:
     if "list" not in avatar.identity.access:
         return Result(
             1, err="Permission denied: this key may not list listeners (needs access=list)\n"
         )
-    entries = avatar.factory.registry.listeners()
+    page = page or paging.Page()
+    everyone = avatar.factory.registry.listeners()
+    entries = page.slice(everyone)
     if not entries:
-        return Result(0, "no listeners\n")
+        return Result(0, "no listeners\n", page.note(0, len(everyone), "listeners"))
     rows = [("NAME", "ADDRESS", "ALIASES", "PORTS")]
     for entry in entries:
         rows.append(
@@ -85,7 +88,7 @@ def listeners(avatar: Any) -> Result:
     text = "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
     )
-    return Result(0, text + "\n")
+    return Result(0, text + "\n", page.note(len(entries), len(everyone), "listeners"))
 
 
 def help_text(avatar: Any, shell: bool = False) -> Result:
@@ -99,7 +102,9 @@ def help_text(avatar: Any, shell: bool = False) -> Result:
     if "admin" in access or "list" in access:
         lines += [
             "  listeners --json           the same as JSON",
-            "  circuits [--json]          open circuits with age and bytes (list or admin)",
+            "  listeners --limit N --offset K   rows K+1..K+N (default: the first 1000)",
+            "  circuits [--json]          open circuits with age and bytes (list or admin;"
+            " --limit, --offset too)",
             "  stats [--json]             counters and totals (list or admin)",
         ]
     if "admin" in access:
@@ -132,14 +137,21 @@ def _no_args(handler: Callable[[Any], Result]) -> Callable[[Any, list[str]], Res
     return run_it
 
 
+LISTENERS_USAGE = "usage: listeners [--json] [--limit N] [--offset K]\n"
+
+
 def _listeners_cmd(avatar: Any, args: list[str]) -> Result:
+    try:
+        page, args = paging.parse(args)
+    except paging.PageError as exc:
+        return Result(2, err=f"{exc}\n{LISTENERS_USAGE}")
     if not args:
-        return listeners(avatar)
+        return listeners(avatar, page)
     if args != ["--json"]:
-        return Result(2, err="usage: listeners [--json]\n")
+        return Result(2, err=LISTENERS_USAGE)
     if "list" not in avatar.identity.access:
         return listeners(avatar)  # the same refusal as without --json
-    return admin.listeners_json(avatar)
+    return admin.listeners_json(avatar, page)
 
 
 def _admin(name: str) -> Callable[[Any, list[str]], Result]:

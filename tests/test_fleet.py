@@ -397,3 +397,82 @@ class OpenFileLimitTests(SwitchboardTestMixin, unittest.TestCase):
         out, err, code = yield self.ssh(self.key("k3"), "user3", command=("whoami",))
         self.assertEqual(code, 0, err)
         print(f"\nfd limit {FD_LIMIT}: {banners} of 300 got a banner; CPU {cpu:.2f} s in 3 s")
+
+
+class _Identity:
+    access = frozenset({"list", "admin"})
+
+
+class _Avatar:
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.identity = _Identity()
+
+
+def fill_registry(registry: Any, count: int) -> None:
+    from nuttconch.registry import Listener
+
+    for i in range(count):
+        listener = Listener(
+            f"dev{i}", (f"dev{i}-abcdefg", f"dev{i}"), peer=f"127.1.{i // 250}.{i % 250}"
+        )
+        registry.add_port(listener, "localhost", 22)
+
+
+class BoundedViewTests(unittest.TestCase):
+    """Issue 13.4: list views of a fleet are pages, the full size said on the side."""
+
+    def test_page_rows(self) -> None:
+        from nuttconch.paging import Page, PageError, parse
+
+        rows = [
+            # args, (offset, limit), rest
+            ([], (0, 1000), []),
+            (["--json"], (0, 1000), ["--json"]),
+            (["--limit", "10", "--offset", "20", "--json"], (20, 10), ["--json"]),
+        ]
+        for args, (offset, limit), rest in rows:
+            page, left = parse(args)
+            self.assertEqual((page.offset, page.limit, left), (offset, limit, rest), args)
+        for bad in (["--limit"], ["--limit", "0"], ["--limit", "x"], ["--offset", "-1"]):
+            with self.assertRaises(PageError, msg=bad):
+                parse(bad)
+        notes = [
+            (Page(0, 1000), 10, 10, ""),
+            (Page(0, 1000), 1000, 5000, "showing 1-1000 of 5000; next: listeners --offset 1000\n"),
+            (Page(4000, 1000), 1000, 5000, "showing 4001-5000 of 5000\n"),
+            (Page(0, 10), 10, 20, "showing 1-10 of 20; next: listeners --offset 10 --limit 10\n"),
+        ]
+        for page, shown, total, expected in notes:
+            self.assertEqual(page.note(shown, total, "listeners"), expected)
+
+    def test_listeners_of_a_fleet(self) -> None:
+        """5,000 initiators: ``listeners`` shows 1,000 rows, says where the rest are,
+        and the pages together are the whole list, each name once."""
+        from nuttconch import commands
+        from nuttconch.registry import InMemoryRegistry
+
+        class Factory:
+            registry = InMemoryRegistry()
+            transports: set[Any] = set()
+
+        fill_registry(Factory.registry, 5000)
+        avatar = _Avatar(Factory)
+        first = commands.run(avatar, "listeners")
+        self.assertEqual(first.code, 0)
+        self.assertEqual(len(first.out.splitlines()), 1001)  # header and 1,000 rows
+        self.assertEqual(first.err, "showing 1-1000 of 5000; next: listeners --offset 1000\n")
+        seen: list[str] = []
+        offset = 0
+        while True:
+            result = commands.run(avatar, f"listeners --json --offset {offset}")
+            rows = json.loads(result.out)
+            seen += [row["name"] for row in rows]
+            if "next:" not in result.err:
+                break
+            offset = int(result.err.split("--offset ")[1].split()[0])
+        self.assertEqual(len(seen), 5000)
+        self.assertEqual(len(set(seen)), 5000)
+        bad = commands.run(avatar, "listeners --limit 0")
+        self.assertEqual(bad.code, 2)
+        self.assertIn("--limit expects a number from 1 to 100000", bad.err)
