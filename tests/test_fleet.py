@@ -208,11 +208,7 @@ def spawn_fleet(testcase: Any, *args: str) -> Fleet:
     return child
 
 
-class FleetLoginTests(SwitchboardTestMixin, unittest.TestCase):
-    """Issue 13.1 end to end, with the shipped admission defaults."""
-
-    timeout = 240
-
+class FleetServerMixin(SwitchboardTestMixin):
     def startServer(self, **overrides: str) -> Any:
         """As the harness, but listening with the server's own backlog (tap.LISTEN_BACKLOG):
         with the harness's 50, a fleet's SYNs beyond it wait a one-second retransmit."""
@@ -223,6 +219,12 @@ class FleetLoginTests(SwitchboardTestMixin, unittest.TestCase):
         )
         self.port = self.listening.getHost().port
         return result
+
+
+class FleetLoginTests(FleetServerMixin, unittest.TestCase):
+    """Issue 13.1 end to end, with the shipped admission defaults."""
+
+    timeout = 240
 
     @defer.inlineCallbacks
     def test_200_first_logins_at_once(self) -> Any:
@@ -476,3 +478,48 @@ class BoundedViewTests(unittest.TestCase):
         bad = commands.run(avatar, "listeners --limit 0")
         self.assertEqual(bad.code, 2)
         self.assertIn("--limit expects a number from 1 to 100000", bad.err)
+
+
+class StormTests(FleetServerMixin, unittest.TestCase):
+    """Issue 13.2, scaled down: 300 initiators all come back after a restart."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_reconnect_storm(self) -> Any:
+        """300 initiators (one fleet key, each its own address) hold a name and a port;
+        the server restarts; every one has its name and port back within 30 s."""
+        key = self.key("fleet", options='access="initiate"')
+        count = 300
+        storm = spawn_fleet(
+            self, "storm", "--port", str(self.port), "--count", str(count), "--key", key,
+            "--spread", "--retry", "1",
+        )  # fmt: skip
+        yield self.waitFor(lambda: storm.events, 120, "all initiators up")
+        self.assertEqual(storm.events[0]["event"], "ready")
+        self.assertEqual(len(self.registry.listeners()), count)
+        port = self.port
+        yield self.stopServer()
+        restarted = reactor.seconds()
+        cfg = self.config
+        from nuttconch.tap import build
+
+        self.factory, self.registry = build(cfg)
+        self.listening = reactor.listenTCP(
+            port, self.factory, backlog=LISTEN_BACKLOG, interface="127.0.0.1"
+        )
+        self.addCleanup(self.stopServer)
+        yield self.waitFor(lambda: len(self.registry.listeners()) == count, 60, "every name back")
+        back = reactor.seconds() - restarted
+        yield self.waitFor(lambda: len(storm.events) >= 2, 30, "the fleet to say it is back")
+        self.assertEqual(storm.events[1]["event"], "back")
+        self.assertLess(back, 30)
+        ports = [sorted(x.ports) for x in self.registry.listeners()]
+        self.assertEqual(sum(1 for p in ports if p), count, "each has its port back")
+        print(
+            f"\n{count} initiators back {back:.1f} s after the restart; fleet: {storm.events[1]};"
+            f" refused by the server: {self.factory.dropped}"
+        )
+        # Nobody was turned away to retry: each came back on its first try after the restart.
+        self.assertEqual(self.factory.dropped, 0)
+        self.assertEqual(storm.events[1]["reconnects"], count)
