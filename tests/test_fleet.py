@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from nuttconch.limits import DescriptorGuard, Startups
 from nuttconch.tap import LISTEN_BACKLOG
 from tests.harness import SwitchboardTestMixin, listen_echo
+from tests.test_ops import OpsTestMixin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLEET = os.path.join(ROOT, "bench", "fleet.py")
@@ -523,3 +524,23 @@ class StormTests(FleetServerMixin, unittest.TestCase):
         # Nobody was turned away to retry: each came back on its first try after the restart.
         self.assertEqual(self.factory.dropped, 0)
         self.assertEqual(storm.events[1]["reconnects"], count)
+
+
+class BoundedAPITests(OpsTestMixin, unittest.TestCase):
+    """/api/listeners of a fleet: one page, the total in X-Total-Count."""
+
+    @defer.inlineCallbacks
+    def test_api_pages(self) -> Any:
+        fill_registry(self.registry, 2500)
+        response, body = yield self.get("/api/listeners")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(json.loads(body)), 1000)
+        self.assertEqual(response.headers.getRawHeaders(b"X-Total-Count"), [b"2500"])
+        response, body = yield self.get("/api/listeners?offset=2400&limit=500")
+        rows = json.loads(body)
+        self.assertEqual(len(rows), 100)
+        response, body = yield self.get("/api/listeners?limit=0")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"--limit expects a number", body)
+        response, body = yield self.get("/api/circuits")
+        self.assertEqual(response.headers.getRawHeaders(b"X-Total-Count"), [b"0"])
