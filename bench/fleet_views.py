@@ -40,7 +40,13 @@ def main() -> None:
             f"dev{i}", (f"dev{i}-abcdefg", f"dev{i}"), peer=f"127.1.{i // 250}.{i % 250}"
         )
         Factory.registry.add_port(listener, "localhost", 22)
-    for line in ("listeners", "listeners --json", "listeners --limit 100000", "stats"):
+    for line in (
+        "listeners",
+        "listeners --json",
+        "listeners --limit 100000",
+        "listeners --json --limit 100000",
+        "stats",
+    ):
         start = time.perf_counter()
         result = commands.run(Avatar, line)
         ms = (time.perf_counter() - start) * 1000
