@@ -13,6 +13,7 @@ so scripts reading standard output see the same shape as before. ``stats`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100000
@@ -27,7 +28,7 @@ class Page:
     offset: int = 0
     limit: int = DEFAULT_LIMIT
 
-    def slice(self, rows: list) -> list:  # type: ignore[type-arg]
+    def slice(self, rows: list[Any]) -> list[Any]:
         return rows[self.offset : self.offset + self.limit]
 
     def note(self, shown: int, total: int, command: str) -> str:

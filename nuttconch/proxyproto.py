@@ -151,7 +151,7 @@ class ProxyHeaderProtocol(protocol.Protocol):
 
     def _refuse(self, why: str) -> None:
         self.factory.refused(getattr(self.balancer, "host", "?"), why)
-        self.transport.abortConnection()
+        self._abort()
 
     def dataReceived(self, data: bytes) -> None:
         if self.wrapped is not None:
@@ -174,12 +174,17 @@ class ProxyHeaderProtocol(protocol.Protocol):
         if wrapped is None:
             # Refused by the switchboard (penalised, MaxStartups, fd limit) under the
             # client's own address; the factory has logged it.
-            self.transport.abortConnection()
+            self._abort()
             return
         self.wrapped = wrapped
         wrapped.makeConnection(_PeerTransport(self.transport, peer))
         if rest:
             wrapped.dataReceived(rest)
+
+    def _abort(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def _cancelTimer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -220,12 +225,12 @@ class ProxyHeaderFactory(protocol.Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
 
-    def buildProtocol(self, addr: IAddress) -> protocol.Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol | None:
         host = getattr(addr, "host", "?")
         if self.allowed is not None and not self.allowed(host):
             self.refused(host, "not a trusted load balancer (proxy_protocol_from)")
             return None
-        return ProxyHeaderProtocol(self, addr)
+        return ProxyHeaderProtocol(self, addr) if addr is not None else None
 
     def refused(self, host: str, why: str) -> None:
         """Count every refusal; one log line per balancer address and reason a minute."""
