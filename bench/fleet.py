@@ -88,8 +88,14 @@ async def burst(args: argparse.Namespace) -> dict:
     reasons: dict[str, int] = {}
     conns: list[asyncssh.SSHClientConnection] = []
 
+    gate = asyncio.Semaphore(args.concurrency or args.count)
+
     async def one(i: int) -> None:
         await go.wait()
+        async with gate:
+            await attempt(i)
+
+    async def attempt(i: int) -> None:
         begun = time.monotonic()
         try:
             conn = await asyncio.wait_for(login(args, i, keys[i]), args.timeout)
@@ -230,6 +236,9 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--per-address", type=int, default=40)
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="burst: logins in flight at most (0: all)"
+    )
     parser.add_argument("--device-port", type=int, default=9)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--retry", type=float, default=1.0)

@@ -4,7 +4,9 @@ gets N idle initiators (``bench/fleet.py burst --hold``: one fleet key, each fro
 127.1.x.y address); then the server's CPU seconds over a 30 s idle window (two
 keepalive rounds) and its RSS are read from /proc. Run from the repository root::
 
-    python bench/keepalive_cpu.py [N ...]
+    python bench/keepalive_cpu.py [--on-only] [N ...]
+
+Logins are paced (64 in flight) so that MaxStartups does not refuse a crowd.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run(count: int, interval: str) -> dict:
         [
             sys.executable, os.path.join(ROOT, "bench", "fleet.py"), "burst", "--hold",
             "--port", str(port), "--count", str(count), "--key", key, "--spread",
-            "--timeout", "120",
+            "--timeout", "120", "--concurrency", "64",
         ],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
     )  # fmt: skip
@@ -93,9 +95,11 @@ def run(count: int, interval: str) -> dict:
 
 
 def main() -> None:
-    counts = [int(a) for a in sys.argv[1:]] or [2000, 8000]
+    words = sys.argv[1:]
+    intervals = ("15",) if "--on-only" in words else ("15", "0")
+    counts = [int(a) for a in words if a.isdigit()] or [2000, 8000]
     for count in counts:
-        for interval in ("15", "0"):
+        for interval in intervals:
             row = run(count, interval)
             per = row["cpu_seconds"] / max(1, row["held"]) / (WINDOW / 15) * 1e6
             print(
