@@ -135,6 +135,7 @@ class ProxyHeaderProtocol(protocol.Protocol):
     """Reads the header, then hands the connection to the protocol built for the client."""
 
     wrapped: protocol.Protocol | None = None
+    done = False
 
     def __init__(self, factory: ProxyHeaderFactory, balancer: IAddress) -> None:
         self.factory = factory
@@ -143,6 +144,7 @@ class ProxyHeaderProtocol(protocol.Protocol):
         self.timer: Any = None
 
     def connectionMade(self) -> None:
+        self.factory.pending += 1
         self.timer = self.factory.clock.callLater(self.factory.timeout, self._timedOut)
 
     def _timedOut(self) -> None:
@@ -167,6 +169,7 @@ class ProxyHeaderProtocol(protocol.Protocol):
         if parsed is None:
             return
         self._cancelTimer()
+        self._settled()
         header, rest = parsed
         self.buffer = b""
         peer = header.source or self.balancer
@@ -191,8 +194,15 @@ class ProxyHeaderProtocol(protocol.Protocol):
             self.timer.cancel()
         self.timer = None
 
+    def _settled(self) -> None:
+        """No longer waiting for a header (parsed, refused or gone): leaves ``pending``."""
+        if not self.done:
+            self.done = True
+            self.factory.pending -= 1
+
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self._cancelTimer()
+        self._settled()
         if self.wrapped is not None:
             self.wrapped.connectionLost(reason)
 
@@ -217,6 +227,7 @@ class ProxyHeaderFactory(protocol.Factory):
         self.allowed = allowed
         self.timeout = timeout
         self.refusals = 0
+        self.pending = 0  # connections still waiting for their header
         self._logged: dict[str, float] = {}
 
     def doStart(self) -> None:
@@ -230,6 +241,14 @@ class ProxyHeaderFactory(protocol.Factory):
         if self.allowed is not None and not self.allowed(host):
             self.refused(host, "not a trusted load balancer (proxy_protocol_from)")
             return None
+        # Connections waiting for their header hold descriptors too: count them against
+        # the switchboard's open-file guard, or a header-less flood would reach EMFILE.
+        guard = getattr(self.wrappedFactory, "descriptors", None)
+        if guard is not None:
+            held = len(getattr(self.wrappedFactory, "transports", ())) + self.pending
+            if not guard.admit(held):
+                self.wrappedFactory._descriptorsFull()
+                return None
         return ProxyHeaderProtocol(self, addr) if addr is not None else None
 
     def refused(self, host: str, why: str) -> None:

@@ -175,7 +175,6 @@ class ProxyMixin(SwitchboardTestMixin):
 
 
 class ProxyProtocolTests(ProxyMixin, unittest.TestCase):
-
     @defer.inlineCallbacks
     def test_v1_raw(self) -> Any:
         """A v1 header: the SSH banner follows, and the transport's peer is the header's."""
@@ -255,3 +254,28 @@ class ProxyFromTests(ProxyMixin, unittest.TestCase):
         got = yield self.raw(v1_header("203.0.113.7", 1) + b"SSH-2.0-raw\r\n")
         self.assertEqual(got, b"")
         self.assertEqual(self.factory.transports, set())
+
+
+class ProxyDescriptorTests(ProxyMixin, unittest.TestCase):
+    """Connections still waiting for their header count against the open-file guard."""
+
+    @defer.inlineCallbacks
+    def test_headerless_flood_meets_the_guard(self) -> Any:
+        from nuttconch.limits import DescriptorGuard
+
+        self.factory.descriptors = DescriptorGuard(40, 0, clock=reactor.seconds)  # ceiling 8
+        proxy = self.service._port.factory  # type: ignore[attr-defined]
+
+        def flood() -> list[socket.socket]:
+            socks = []
+            for _ in range(20):
+                socks.append(socket.create_connection(("127.0.0.1", self.port), timeout=3))
+            return socks
+
+        socks = yield threads.deferToThread(flood)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        yield self.waitFor(lambda: self.factory.descriptors.refused >= 12, 5, "12 refused")
+        self.assertEqual(proxy.pending, 8)
+        for sock in socks:
+            sock.close()
+        yield self.waitFor(lambda: proxy.pending == 0, 5, "pending back to 0")
