@@ -39,8 +39,9 @@ PINNED = {
 
 
 def source_address(i: int) -> str:
-    """127.1.0.2, 127.1.0.3, ...: distinct sources, none of them the tests' 127.0.0.1."""
-    return f"127.1.{i // 250}.{2 + i % 250}"
+    """127.1.0.2, 127.1.0.3, ...: distinct sources, none of them the tests' 127.0.0.1
+    (62,500 per second octet, then 127.2.0.2 and on)."""
+    return f"127.{1 + i // 62500}.{(i // 250) % 250}.{2 + i % 250}"
 
 
 def options(user: str, key: asyncssh.SSHKey, timeout: float) -> asyncssh.SSHClientConnectionOptions:
@@ -59,6 +60,7 @@ def options(user: str, key: asyncssh.SSHKey, timeout: float) -> asyncssh.SSHClie
 async def login(
     args: argparse.Namespace, i: int, key: asyncssh.SSHKey
 ) -> asyncssh.SSHClientConnection:
+    i += args.first
     local = (source_address(i), 0) if args.spread else None
     conn = await asyncssh.connect(
         args.host,
@@ -236,6 +238,7 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--per-address", type=int, default=40)
+    parser.add_argument("--first", type=int, default=0, help="number of the first initiator")
     parser.add_argument(
         "--concurrency", type=int, default=0, help="burst: logins in flight at most (0: all)"
     )
