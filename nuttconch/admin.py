@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from . import access, authkeys, metrics, policy
+from . import access, authkeys, metrics, paging, policy
 from .names import escape
 from .registry import NotFound
 from .result import Result
@@ -84,19 +84,30 @@ def _age(seconds: float) -> str:
 # read-only views
 
 
-def listeners_json(avatar: Any) -> Result:
-    return _json(metrics.listener_rows(avatar.factory))
+def listeners_json(avatar: Any, page: paging.Page | None = None) -> Result:
+    page = page or paging.Page()
+    rows = metrics.listener_rows(avatar.factory, page)
+    total = len(avatar.factory.registry.listeners())
+    result = _json(rows)
+    return Result(result.code, result.out, page.note(len(rows), total, "listeners --json"))
 
 
 def circuits(avatar: Any, args: list[str]) -> Result:
-    flags = _flags(args, ("--json",), "circuits [--json]")
+    try:
+        page, args = paging.parse(args)
+    except paging.PageError as exc:
+        return _usage(f"circuits [--json] [--limit N] [--offset K] ({exc})")
+    flags = _flags(args, ("--json",), "circuits [--json] [--limit N] [--offset K]")
     if isinstance(flags, Result):
         return flags
-    rows = metrics.circuit_rows(avatar.factory)
+    rows = metrics.circuit_rows(avatar.factory, page)
+    total = sum(1 for _ in metrics.live_circuits(avatar.factory))
+    note = page.note(len(rows), total, "circuits" + (" --json" if "--json" in flags else ""))
     if "--json" in flags:
-        return _json(rows)
+        result = _json(rows)
+        return Result(result.code, result.out, note)
     if not rows:
-        return Result(0, "no circuits\n")
+        return Result(0, "no circuits\n", note)
     table = [("ID", "TARGET", "CLIENT", "FROM", "AGE", "UP", "DOWN")]
     for row in rows:
         table.append(
@@ -110,7 +121,7 @@ def circuits(avatar: Any, args: list[str]) -> Result:
                 _size(row["bytes_down"]),
             )
         )
-    return Result(0, _table(table))
+    return Result(0, _table(table), note)
 
 
 def stats_data(factory: Any) -> dict[str, Any]:

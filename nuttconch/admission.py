@@ -16,7 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from . import authkeys
-from .limits import Penalties, Startups
+from .limits import DescriptorGuard, Penalties, Startups, open_file_limit
 
 # The namespace these lines always had (they were logged by the factory): operators'
 # log filters and the text format's "[nuttconch.server#info]" stay as they were.
@@ -43,13 +43,18 @@ class Admission:
             else (lambda h: False),
             enabled=config.per_source_penalties,
         )
+        # Refuses new sockets near the open-file limit, so the connections held keep working.
+        self.descriptors = DescriptorGuard(*open_file_limit(), clock=clock.seconds)
         self.dropped = 0
         # Unauthenticated transports in arrival order (a dict used as an ordered set).
         self.preauth: dict[Any, None] = {}
         self._dropLogged: dict[str, float] = {}
 
-    def admit(self, host: str) -> bool:
+    def admit(self, host: str, open_transports: int = 0) -> bool:
         """Whether a new TCP connection from ``host`` gets a transport at all."""
+        if not self.descriptors.admit(open_transports):
+            self._descriptorsFull(open_transports)
+            return False
         if self.penalties.refused(host):
             self._drop(host, "source is penalised")
             return False
@@ -104,6 +109,19 @@ class Admission:
                 kind=kind,
             )
             self.events.emit("penalty", peer=host, seconds=seconds, kind=kind)
+
+    def _descriptorsFull(self, open_transports: int) -> None:
+        """Near the open-file limit: one line an interval, not one per refused socket."""
+        self.dropped += 1
+        count = self.descriptors.report()
+        if count is not None:
+            log.warn(
+                "near the open-file limit ({limit}): refused {count} new connection(s) since"
+                " the last such line; still serving {n} connections",
+                limit=self.descriptors.limit,
+                count=count,
+                n=open_transports,
+            )
 
     def _drop(self, host: str, reason: str) -> None:
         """Count every drop; log at most one line per source and reason a minute."""

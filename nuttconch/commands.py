@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import admin
+from . import admin, paging
 from .access import ADMIN, LIST, Access
 from .names import escape
 from .result import Result as Result  # re-exported: callers read commands.Result
@@ -62,14 +62,16 @@ def whoami(avatar: Any) -> Result:
     return Result(0, "\n".join(lines) + "\n")
 
 
-def listeners(avatar: Any) -> Result:
+def listeners(avatar: Any, page: paging.Page | None = None) -> Result:
     if LIST not in avatar.identity.access:
         return Result(
             1, err="Permission denied: this key may not list listeners (needs access=list)\n"
         )
-    entries = avatar.factory.registry.listeners()
+    page = page or paging.Page()
+    everyone = avatar.factory.registry.listeners()
+    entries = page.slice(everyone)
     if not entries:
-        return Result(0, "no listeners\n")
+        return Result(0, "no listeners\n", page.note(0, len(everyone), "listeners"))
     rows: list[tuple[str, ...]] = [("NAME", "ADDRESS", "ALIASES", "PORTS")]
     for entry in entries:
         rows.append(
@@ -88,7 +90,7 @@ def listeners(avatar: Any) -> Result:
     text = "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
     )
-    return Result(0, text + "\n")
+    return Result(0, text + "\n", page.note(len(entries), len(everyone), "listeners"))
 
 
 def help_text(avatar: Any, shell: bool = False) -> Result:
@@ -102,7 +104,9 @@ def help_text(avatar: Any, shell: bool = False) -> Result:
     if ADMIN in access or LIST in access:
         lines += [
             "  listeners --json           the same as JSON",
-            "  circuits [--json]          open circuits with age and bytes (list or admin)",
+            "  listeners --limit N --offset K   rows K+1..K+N (default: the first 1000)",
+            "  circuits [--json]          open circuits with age and bytes (list or admin;"
+            " --limit, --offset too)",
             "  stats [--json]             counters and totals (list or admin)",
         ]
     if ADMIN in access:
@@ -135,14 +139,21 @@ def _no_args(handler: Callable[[Any], Result]) -> Callable[[Any, list[str]], Res
     return run_it
 
 
+LISTENERS_USAGE = "usage: listeners [--json] [--limit N] [--offset K]\n"
+
+
 def _listeners_cmd(avatar: Any, args: list[str]) -> Result:
+    try:
+        page, args = paging.parse(args)
+    except paging.PageError as exc:
+        return Result(2, err=f"{exc}\n{LISTENERS_USAGE}")
     if not args:
-        return listeners(avatar)
+        return listeners(avatar, page)
     if args != ["--json"]:
-        return Result(2, err="usage: listeners [--json]\n")
+        return Result(2, err=LISTENERS_USAGE)
     if LIST not in avatar.identity.access:
         return listeners(avatar)  # the same refusal as without --json
-    return admin.listeners_json(avatar)
+    return admin.listeners_json(avatar, page)
 
 
 def _admin(name: str) -> Callable[[Any, list[str]], Result]:

@@ -159,6 +159,30 @@ SCHEMA: tuple[Setting, ...] = (
         "10000",
         "first-use lines authorized_keys may hold; past it unknown keys are refused",
     ),
+    Setting(
+        "server",
+        "reuse_port",
+        _bool,
+        "false",
+        "SO_REUSEPORT: several nuttconch processes share listen_port (the kernel spreads"
+        " connections)",
+    ),
+    Setting(
+        "server",
+        "proxy_protocol",
+        _bool,
+        "false",
+        "every connection starts with a PROXY protocol v1/v2 header from a load balancer;"
+        " connections without one are refused",
+    ),
+    Setting(
+        "server",
+        "proxy_protocol_from",
+        _text,
+        "",
+        "addresses of the load balancers allowed to send PROXY headers (from= patterns,"
+        " comma separated; empty: any)",
+    ),
     Setting("server", "allow_pty", _bool, "true", "accept pty requests"),
     Setting("server", "enable_shell", _bool, "true", "admin keys get an interactive shell"),
     Setting(
@@ -231,12 +255,12 @@ SCHEMA: tuple[Setting, ...] = (
     # nuttconch's own, with OpenSSH's names and defaults where one exists.
     Setting("server", "login_grace_time", _seconds, "30", "handshake deadline from accept"),
     Setting("server", "max_auth_tries", _int_range(1, 100), "6", "auth attempts per connection"),
-    Setting("server", "max_startups", _startups, "10:30:100", "unauthenticated connections"),
+    Setting("server", "max_startups", _startups, "1000:30:4000", "unauthenticated connections"),
     Setting(
         "server",
         "per_source_max_startups",
         _int_range(1, 100000),
-        "20",
+        "64",
         "unauthenticated connections from one address",
     ),
     Setting("server", "client_alive_interval", _seconds, "15", "server keepalive period (0: off)"),

@@ -16,7 +16,9 @@ so that guessing a generated alias costs the guesser time.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,11 @@ PENALTIES = {
 PENALTY_MIN = 15.0
 PENALTY_MAX = 600.0
 MAX_SOURCES = 65536
+# Headroom kept below the open-file limit for what is not a client socket: authorized_keys
+# reads and appends, log files, webhook and metrics connections, Redis, threads' files.
+FD_HEADROOM_MIN = 32
+FD_HEADROOM_FRACTION = 0.02
+FD_LOG_INTERVAL = 60.0
 
 
 def source_of(host: str) -> str:
@@ -119,13 +126,20 @@ class Startups:
 
         ``early_drop=False`` skips the random drop: used once room was made by evicting a
         staller, so that the newcomer is not refused by a second roll of the dice.
+
+        A source with nothing pending is never early-dropped, only refused when the
+        table is full (and the caller first evicts a staller): a fleet of devices from
+        many addresses logging in at once is what a switchboard exists for, while a
+        flood comes from sources that already hold connections, and it is those whose
+        further attempts the dice thin out.
         """
         source = source_of(host)
-        if self.by_source.get(source, 0) >= self.per_source:
+        held = self.by_source.get(source, 0)
+        if held >= self.per_source:
             return "per-source startups exceeded"
         if self.total >= self.full:
             return "startups full"
-        if early_drop and self.total >= self.start:
+        if early_drop and held > 0 and self.total >= self.start:
             # OpenSSH: drop with probability rising linearly from rate% at start to 100% at full.
             span = max(1, self.full - self.start)
             probability = self.rate + (100 - self.rate) * (self.total - self.start) / span
@@ -174,3 +188,64 @@ class TokenBucket:
             return False
         self.tokens -= 1.0
         return True
+
+
+@dataclass
+class DescriptorGuard:
+    """Refuses new connections a little before the open-file limit instead of at it.
+
+    At the limit itself every ``open()`` fails too: a login could not read
+    authorized_keys, a first-use key could not be appended, a log file could
+    not be rotated. So new sockets are closed as soon as they are accepted
+    once ``open_connections`` would leave less than the headroom, the
+    connections already held keep working, and one log line per interval
+    says how many were refused (a refusal per line would let a flood fill
+    the disk). ``limit`` 0 means unknown: never refuse.
+    """
+
+    limit: int
+    baseline: int
+    clock: Callable[[], float]
+    interval: float = FD_LOG_INTERVAL
+    refused: int = 0
+    _unlogged: int = 0
+    _logged_at: float = -1e18
+
+    @property
+    def ceiling(self) -> int:
+        """Connections allowed at once: the limit less the headroom."""
+        if self.limit <= 0:
+            return 1 << 62
+        headroom = max(FD_HEADROOM_MIN, int(self.limit * FD_HEADROOM_FRACTION))
+        return max(1, self.limit - headroom - self.baseline)
+
+    def admit(self, open_connections: int) -> bool:
+        if open_connections < self.ceiling:
+            return True
+        self.refused += 1
+        self._unlogged += 1
+        return False
+
+    def report(self) -> int | None:
+        """How many were refused since the last line, when a line is due now (else None)."""
+        now = self.clock()
+        if self._unlogged == 0 or now - self._logged_at < self.interval:
+            return None
+        count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        return count
+
+
+def open_file_limit() -> tuple[int, int]:
+    """(soft open-file limit, descriptors open now): read once, when the server is built.
+
+    The descriptors open at start (listeners, log, host keys, the reactor's own) are
+    not client sockets; they are taken off what connections may use.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0, 0
+    try:
+        baseline = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        baseline = 16
+    return int(soft), baseline

@@ -292,8 +292,11 @@ class _LiveCollector(Collector):
 # Snapshots for the status page, the JSON API and the --json commands.
 
 
-def listener_rows(factory: Any) -> list[dict[str, Any]]:
-    """Connected initiators, newest first, with bytes through their circuits."""
+def listener_rows(factory: Any, page: Any = None) -> list[dict[str, Any]]:
+    """Connected initiators, newest first, with bytes through their circuits.
+
+    ``page`` (paging.Page) picks the rows before any is built: a fleet's full list
+    is too big to build on every request."""
     metrics = getattr(factory, "metrics", None)
     live: dict[str, list[int]] = {}
     counts: dict[str, int] = {}
@@ -306,7 +309,8 @@ def listener_rows(factory: Any) -> list[dict[str, Any]]:
         totals[1] += circuit.bytes_down
         counts[listener_id] = counts.get(listener_id, 0) + 1
     rows = []
-    for listener in factory.registry.listeners():
+    everyone = factory.registry.listeners()
+    for listener in page.slice(everyone) if page is not None else everyone:
         closed = metrics.listener_bytes.get(listener.id, [0, 0]) if metrics else [0, 0]
         now_live = live.get(listener.id, [0, 0])
         rows.append(
@@ -330,11 +334,12 @@ def listener_rows(factory: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def circuit_rows(factory: Any) -> list[dict[str, Any]]:
-    """Open circuits, oldest first."""
+def circuit_rows(factory: Any, page: Any = None) -> list[dict[str, Any]]:
+    """Open circuits, oldest first (``page``: only those rows)."""
     now = time.monotonic()
     rows = []
-    for circuit in sorted(live_circuits(factory), key=lambda c: c.started):
+    ordered = sorted(live_circuits(factory), key=lambda c: c.started)
+    for circuit in page.slice(ordered) if page is not None else ordered:
         rows.append(
             {
                 "id": circuit.id,

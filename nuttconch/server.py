@@ -117,6 +117,18 @@ class SwitchboardFactory(conch_factory.SSHFactory):
     def preauth(self) -> dict[Any, None]:
         return self.admission.preauth
 
+    @property
+    def descriptors(self) -> Any:
+        return self.admission.descriptors
+
+    @descriptors.setter
+    def descriptors(self, guard: Any) -> None:
+        self.admission.descriptors = guard
+
+    def _descriptorsFull(self) -> None:
+        """The PROXY protocol wrapper refused a socket near the open-file limit."""
+        self.admission._descriptorsFull(len(self.transports))
+
     def _registryEvent(self, event: str, listener: Any, port: int | None) -> None:
         if event in ("up", "down"):
             self.emit(
@@ -134,7 +146,7 @@ class SwitchboardFactory(conch_factory.SSHFactory):
         """Refuse penalised sources and excess unauthenticated connections before any work."""
         if self.stopping:
             return None
-        if not self.admission.admit(getattr(addr, "host", "?")):
+        if not self.admission.admit(getattr(addr, "host", "?"), len(self.transports)):
             return None
         t = protocol.Factory.buildProtocol(self, addr)
         assert isinstance(t, SwitchboardTransport)

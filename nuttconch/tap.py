@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.tcp import makeBinding
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -39,6 +40,8 @@ log = Logger()
 # The lines about the operations listener keep the namespace they were logged under.
 webLog = Logger(namespace="nuttconch.web")
 KEYS_POLL_SECONDS = 2.0
+# Connections the kernel may hold accepted-but-not-yet-taken (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 
 
 class Options(usage.Options):
@@ -51,6 +54,11 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "path of nuttssh.ini"],
         ["listen", "l", None, "Twisted endpoint to listen on, overriding listen_host/port"],
+        ["worker", None, None, "worker number (set by --workers; logs and metrics port)"],
+    ]
+    optFlags = [
+        ["reuse-port", None, "share the port with other processes (as [server] reuse_port)"],
+        ["no-metrics", None, "do not start the [metrics] listener (workers after the first)"],
     ]
 
     def postOptions(self) -> None:
@@ -106,16 +114,77 @@ class SwitchboardService(service.MultiService):
         yield super().stopService()
 
 
-def raise_fd_limit() -> None:
-    """Fleets need many descriptors; lift the soft limit to the hard one."""
+def raise_fd_limit() -> tuple[int, int]:
+    """Fleets need many descriptors: lift the soft limit to the hard one, and say what we got.
+
+    Every held connection is one descriptor, so the soft limit (often 1024) and not
+    memory is what first caps how many initiators one process serves. Returns
+    (soft, hard) as they are afterwards.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    before = soft
+    if soft != target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            log.info("raised open-file limit from {soft} to {target}", soft=soft, target=target)
-        except (ValueError, OSError):
-            pass
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warn(
+                "could not raise the open-file limit from {soft} to {target}: {why}",
+                soft=soft,
+                target=target,
+                why=exc,
+            )
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    log.info(
+        "open-file limit: {soft} (was {before}, hard limit {hard}); about {soft} connections"
+        " at most",
+        soft=soft,
+        before=before,
+        hard=shown,
+    )
+    return soft, hard
+
+
+def listener(
+    cfg: configmod.Config,
+    factory: Any,
+    endpoint: str | None = None,
+    reuse_port: bool = False,
+    reactor: Any = None,
+) -> tuple[service.IService, str]:
+    """The SSH listening service, and a description of it for the log.
+
+    Built here rather than from a strports string: the listen backlog must hold a
+    fleet's reconnect storm (Twisted's default of 50 drops SYNs past it, and each
+    dropped SYN costs the device a one-second retransmit), ``reuse_port`` needs
+    SO_REUSEPORT, and with ``proxy_protocol`` the SSH factory sits behind the
+    header reader. ``--listen`` still takes any Twisted endpoint.
+    """
+    served: Any = factory
+    if cfg.proxy_protocol:
+        from .authkeys import match_from
+        from .proxyproto import ProxyHeaderFactory
+
+        patterns = cfg.proxy_protocol_from
+        allowed = (lambda host: match_from(patterns, host)) if patterns else None
+        served = ProxyHeaderFactory(factory, factory.clock, allowed)
+    if endpoint:
+        return strports.service(endpoint, served, reactor=reactor), endpoint
+    host = cfg.listen_host
+    interface = "" if host in ("", "*") else host
+    binding = makeBinding(
+        interface, cfg.listen_port, reuseAddress=True, reusePort=reuse_port or cfg.reuse_port
+    )
+    shown = f"{interface or '*'}:{cfg.listen_port}"
+    if reuse_port or cfg.reuse_port:
+        shown += " (reuse_port)"
+    if cfg.proxy_protocol:
+        shown += " (PROXY protocol)"
+    server = internet.TCPServer(
+        binding, served, backlog=LISTEN_BACKLOG, interface=interface, reactor=reactor
+    )
+    return server, shown
 
 
 def make_registry(
@@ -251,8 +320,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     keys = internet.TimerService(KEYS_POLL_SECONDS, factory.checkKeys)
     keys.clock = reactor
     keys.setServiceParent(top)
-    endpoint = options["listen"] or cfg.listen_endpoint
-    ssh = strports.service(endpoint, factory, reactor=reactor)
+    ssh, endpoint = listener(cfg, factory, options["listen"], options["reuse-port"], reactor)
     ssh.setName("ssh")
     ssh.setServiceParent(top)
     from .cluster.relay import install as install_relay
@@ -261,6 +329,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         install_relay(factory, cfg, top, reactor)
     except ValueError as exc:
         raise SystemExit(f"nuttconch: {exc}") from None
-    install_operations(factory, cfg, top, reactor)
-    log.info("nuttconch listening on {endpoint} (config {path})", endpoint=endpoint, path=cfg.path)
+    if not options["no-metrics"]:
+        install_operations(factory, cfg, top, reactor)
+    worker = f" as worker {options['worker']}" if options["worker"] else ""
+    log.info(
+        "nuttconch listening on {endpoint}{worker} (config {path})",
+        endpoint=endpoint,
+        worker=worker,
+        path=cfg.path,
+    )
     return top

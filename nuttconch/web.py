@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from . import metrics as metricsmod
+from . import paging
 
 log = Logger()
 REFRESH_MS = 2000
@@ -222,6 +223,28 @@ class JSONPage(_Leaf):
         return body.encode("utf-8")
 
 
+class PagedJSONPage(_Leaf):
+    """A list snapshot, one page of it (``?limit=&offset=``, default the first 1,000 rows);
+    ``X-Total-Count`` says how many there are in all."""
+
+    def __init__(self, rows: Any, count: Any, factory: Any) -> None:
+        super().__init__()
+        self.rows = rows
+        self.count = count
+        self.factory = factory
+
+    def render_GET(self, request: Any) -> bytes:
+        try:
+            page = paging.from_query(request.args)
+        except paging.PageError as exc:
+            request.setResponseCode(400)
+            _common_headers(request, b"text/plain; charset=utf-8")
+            return f"{exc}\n".encode()
+        _common_headers(request, b"application/json")
+        request.setHeader(b"X-Total-Count", str(self.count(self.factory)).encode())
+        return json.dumps(self.rows(self.factory, page), sort_keys=True).encode("utf-8")
+
+
 class StaticFile(_Leaf):
     def __init__(self, body: bytes, content_type: bytes) -> None:
         super().__init__()
@@ -295,8 +318,18 @@ class Root(resource.Resource):
         self.putChild(b"status.js", StaticFile(SCRIPT, b"text/javascript; charset=utf-8"))
         self.putChild(b"status.css", StaticFile(STYLE, b"text/css; charset=utf-8"))
         api = resource.Resource()
-        api.putChild(b"listeners", JSONPage(metricsmod.listener_rows, factory))
-        api.putChild(b"circuits", JSONPage(metricsmod.circuit_rows, factory))
+        api.putChild(
+            b"listeners",
+            PagedJSONPage(metricsmod.listener_rows, lambda f: len(f.registry.listeners()), factory),
+        )
+        api.putChild(
+            b"circuits",
+            PagedJSONPage(
+                metricsmod.circuit_rows,
+                lambda f: sum(1 for _ in metricsmod.live_circuits(f)),
+                factory,
+            ),
+        )
         self.putChild(b"api", api)
 
     def getChild(self, path: bytes, request: Any) -> Any:

@@ -54,9 +54,15 @@ class MakeServiceTests(unittest.TestCase):
         top, reactor, _ = self.start(self.options("[metrics]\nlisten = 9100\n"))
         factory = top.factory
         self.assertIs(factory.clock, reactor)
-        ports = sorted((port, interface) for port, _, _, interface in reactor.tcpServers)
+        # The SSH listener is bound through makeBinding (backlog, SO_REUSEPORT): its "port"
+        # is a binding that carries the number.
+        servers = [
+            (getattr(port, "_port", port), f, interface)
+            for port, f, _, interface in reactor.tcpServers
+        ]
+        ports = sorted((port, interface) for port, _, interface in servers)
         self.assertEqual(ports, [(2299, "127.0.0.1"), (9100, "127.0.0.1")])
-        factories = {port: f for port, f, _, _ in reactor.tcpServers}
+        factories = {port: f for port, f, _ in servers}
         self.assertIs(factories[2299], factory)
 
     def test_key_poll_runs_on_the_given_clock(self) -> None:
