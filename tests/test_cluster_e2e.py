@@ -187,8 +187,8 @@ class ClusterProcessMixin:
         for node in self.nodes.values():
             yield node.stop()
 
-    def writeNode(self, name: str, **cluster: str) -> NodeProcess:
-        port, relay_port = free_port(), free_port()
+    def writeNode(self, name: str, port: int = 0, server: str = "", **cluster: str) -> NodeProcess:
+        port, relay_port = port or free_port(), free_port()
         values = {
             "redis_url": self.redis.url,
             "node_name": name,
@@ -204,17 +204,18 @@ class ClusterProcessMixin:
                 "[server]\nlisten_host = 127.0.0.1\n"
                 f"listen_port = {port}\nserver_fqdn = switchboard\n"
                 "per_source_penalty_exempt_list = 127.0.0.1\n"
-                f"[keys]\nhost_key_dir = {self.keydir}\n[cluster]\n"
+                + server
+                + f"[keys]\nhost_key_dir = {self.keydir}\n[cluster]\n"
                 + "".join(f"{k} = {v}\n" for k, v in values.items())
             )
         node = self.nodes[name] = NodeProcess(name, ini, port, relay_port)
         return node
 
     @defer.inlineCallbacks
-    def startNodes(self, *names: str) -> Any:
+    def startNodes(self, *names: str, **settings: Any) -> Any:
         """Start the nodes and wait until each says its replica is current."""
         for name in names:
-            self.writeNode(name).start()
+            self.writeNode(name, **settings).start()
         for name in names:
             node = self.nodes[name]
             yield node.proc.waitOutput(b"is current", timeout=30)
@@ -488,6 +489,49 @@ class NodeDeathTests(ClusterProcessMixin, unittest.TestCase):
         """SIGTERM (a graceful stop): b leaves Redis and closes its hops, so its names
         leave a within 2 s, well before its 5 s lease could lapse."""
         return self.stopB("TERM", 2)
+
+
+class ReusePortWorkersTests(ClusterProcessMixin, unittest.TestCase):
+    """Two node processes on one SSH port ([server] reuse_port), one cluster."""
+
+    @defer.inlineCallbacks
+    def test_two_reuse_port_workers_in_one_cluster(self) -> Any:
+        """Both workers accept connections on the shared port (the kernel spreads them),
+        and an initiator registered with either is reached from a client on the shared
+        port, whichever worker that client lands on (through the hop or not)."""
+        port = free_port()
+        yield self.startNodes("w1", "w2", port=port, server="reuse_port = true\n")
+        self.nodes["shared"] = self.nodes["w1"]  # ssh to the shared port
+        holders: dict[str, str] = {}
+        for attempt in range(40):  # new source ports until each worker holds one initiator
+            user = f"dev{attempt}"
+            key = self.key(user, 'access="initiate"')
+            tag = f"{user}:".encode()
+            proc, name = yield self.initiator(
+                "shared", user, key, f"80:127.0.0.1:{listen_echo(self, tag)}"
+            )
+            rows = yield self.waitListed("shared", lambda rows, n=name: n in [r[0] for r in rows])
+            node = [r[1] for r in rows if r[0] == name][0]
+            if node in holders.values():
+                yield proc.kill()
+                yield self.waitListed(
+                    "shared", lambda rows, n=name: n not in [r[0] for r in rows], 10, "gone"
+                )
+                continue
+            holders[name] = node
+            if len(holders) == 2:
+                break
+        self.assertEqual(sorted(holders.values()), ["w1", "w2"], "both workers accept")
+        for worker in ("w1", "w2"):
+            self.assertIn("authenticated", self.nodes[worker].log)
+        me = self.key("me", 'access="listen"')
+        for name in holders:
+            user = name.split("-")[0]
+            for _ in range(4):  # four clients: some land on each worker
+                out, err, code = yield self.ssh(
+                    "shared", me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
+                )
+                self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)
 
 
 class HopAccessProcessTests(ClusterProcessMixin, unittest.TestCase):
