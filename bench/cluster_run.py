@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import json
 import os
 import re
 import shutil
@@ -82,13 +83,16 @@ class Cluster:
         )
         pub = Path(str(self.key) + ".pub").read_text().strip()
         (keydir / "authorized_keys").write_text(f'access="initiate",access="listen" {pub}\n')
-        for node in ("a", "b"):
-            self.ports[node], relay = free_port(), free_port()
+        shared = free_port()
+        for node in ("a", "b", "w1", "w2"):
+            self.ports[node] = shared if node.startswith("w") else free_port()
+            relay = free_port()
             ini = self.tmp / f"{node}.ini"
             ini.write_text(
                 f"[server]\nlisten_host = 127.0.0.1\nlisten_port = {self.ports[node]}\n"
                 "enable_auth = true\nallow_new_clients = false\n"
                 "max_startups = 1000:30:2000\nper_source_max_startups = 2000\n"
+                "reuse_port = true\n"
                 f"[keys]\nhost_key_dir = {keydir}\n"
                 f"[cluster]\nredis_url = redis://127.0.0.1:{self.redis_port}/0\n"
                 f"node_name = {node}\nrelay_listen = {relay}\n"
@@ -150,6 +154,82 @@ class Tunnel:
         time.sleep(0.3)  # the name leaves every replica before the next tunnel takes it
 
 
+def parallel(
+    env: Env, init: object, client: object, names: list[str], nbytes: int, max_seconds: float
+) -> float:
+    """Aggregate MB/s of len(names) circuits at once, each from its own client connection
+    (``ssh -L``) to its own initiator (``ssh -R`` to the device's sink)."""
+    procs: list[subprocess.Popen] = []
+    sinks: list[int] = []
+    try:
+        for i, name in enumerate(names):
+            rport = 9000 if name else free_port()
+            eport = 9001 if name else free_port()
+            target = name or "127.0.0.1"
+            bind = "" if name else "127.0.0.1:"
+            procs.append(
+                start(
+                    [
+                        *init(i)[:-1],
+                        "-N",  # type: ignore[operator]
+                        "-R",
+                        f"{bind}{rport}:127.0.0.1:{env.ports['sink']}",
+                        "-R",
+                        f"{bind}{eport}:127.0.0.1:{env.ports['echo']}",
+                        init(i)[-1],
+                    ],
+                    stdin=subprocess.DEVNULL,
+                )
+            )  # type: ignore[operator]
+            sink, echo = free_port(), free_port()
+            deadline = time.monotonic() + 20
+            while True:
+                cmd = client(i)  # type: ignore[operator]
+                c = start(
+                    [
+                        *cmd[:-1],
+                        "-N",
+                        "-L",
+                        f"{sink}:{target}:{rport}",
+                        "-L",
+                        f"{echo}:{target}:{eport}",
+                        cmd[-1],
+                    ],
+                    stdin=subprocess.DEVNULL,
+                )
+                if load("probe", env_server(env), port=echo, max_seconds=3).get("ok"):
+                    procs.append(c)
+                    break
+                stop(c)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"parallel: circuit {i} did not come up")
+            sinks.append(sink)
+        runs = [
+            load(
+                "up",
+                env_server(env),
+                background=True,
+                port=port,
+                bytes=nbytes,
+                max_seconds=max_seconds,
+            )
+            for port in sinks
+        ]
+        results = [json.loads(r.stdout.read()) for r in runs]  # type: ignore[union-attr]
+        for r in runs:
+            r.wait()  # type: ignore[union-attr]
+        return sum(x["bytes"] for x in results) / max(x["seconds"] for x in results) / 1e6
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        time.sleep(0.3)
+
+
+class env_server:  # noqa: N801 - what bench/run.py's load() reads from a server
+    def __init__(self, env: Env) -> None:
+        self.env = env
+
+
 def p99(values: list[float]) -> float:
     ms = sorted(values)
     return ms[min(len(ms) - 1, int(round(0.99 * len(ms))) - 1)]
@@ -161,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-count", type=int, default=300)
     p.add_argument("--bulk-mib", type=int, default=256)
     p.add_argument("--max-seconds", type=float, default=120)
+    p.add_argument("--parallel-count", type=int, default=8, help="parallel: circuits")
+    p.add_argument("--parallel-mib", type=int, default=64, help="parallel: MiB per circuit")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     a = p.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("redis-server"):
@@ -192,6 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                        alias),
         "sshd": None,
     }  # fmt: skip
+    n = a.parallel_count
+    users = [f"par{i}" for i in range(n)]
+    names = []
+    for user in users:
+        who = subprocess.run([*cluster.ssh("a", f"{user}@127.0.0.1"), "whoami"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        names.append(re.search(r"names: ([^,\s]+)", who.stdout).group(1))  # type: ignore[union-attr]
+    psides = {
+        "1 worker": (lambda i: cluster.ssh("a", f"{users[i]}@127.0.0.1"), names),
+        "2 workers": (lambda i: cluster.ssh("w1", f"{users[i]}@127.0.0.1"), names),
+        "sshd": (lambda i: ["ssh", *ssh_common(key, sshd.port), *PINNED, "root@127.0.0.1"],
+                 [""] * n),
+    }  # fmt: skip
+    pvalues: dict[str, list[float]] = {side: [] for side in psides}
     values: dict[str, dict[str, list[float]]] = {}
 
     def add(row: str, side: str, value: float) -> None:
@@ -217,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                         add(f"bulk_{d}", side, r["bytes"] / r["seconds"] / 1e6)
                 log(f"rep {rep} {side}: " + ", ".join(
                     f"{k} {v[side][-1]:.2f}" for k, v in values.items() if v[side]))  # fmt: skip
+            for pside, (ssh_for, pnames) in psides.items():
+                mbs = parallel(env, ssh_for, ssh_for, pnames, a.parallel_mib * MIB,
+                               a.max_seconds)  # fmt: skip
+                pvalues[pside].append(mbs)
+                log(f"rep {rep} parallel {pside}: {mbs:.1f} MB/s")
     finally:
         sshd.stop()
         cluster.stop()
@@ -241,6 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {unit} | " + " | ".join(cell(v.get(s, [])) for s in SIDES)
                      + f" | {ratio[0]} | {ratio[1]} |")  # fmt: skip
 
+    pm = {side: statistics.median(v) for side, v in pvalues.items() if v}
+    lines += [
+        "",
+        "| workload | unit | 1 worker | 2 workers | sshd | 2 workers/1 | 2 workers/sshd |",
+        "|---|---|---|---|---|---|---|",
+        f"| parallel up, {n} circuits × {a.parallel_mib} MiB, each from its own client"
+        f" connection to its own initiator (aggregate) | MB/s | "
+        + " | ".join(cell(pvalues[s]) for s in psides)
+        + " | "
+        + " | ".join(f"{pm['2 workers'] / pm[o]:.2f}×" if pm.get(o) and pm.get("2 workers")
+                     else "—" for o in ("1 worker", "sshd"))
+        + " |",
+    ]  # fmt: skip
+
     def goal(ok: bool, text: str) -> str:
         return ("met" if ok else "NOT met") + f" ({text})"
 
@@ -252,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
           + goal(x.get("cross-node", 0) >= 0.6 * x.get("same-node", 1e9),
                  f"{x.get('cross-node', 0) / x.get('same-node', 1):.2f}×")
           for d, x in zip(("up", "down"), bu, strict=True)],
+        "- parallel with 2 workers ≥ 1.0× sshd: "
+        + goal(pm.get("2 workers", 0) >= pm.get("sshd", 1e9),
+               f"{pm.get('2 workers', 0) / pm.get('sshd', 1):.2f}×"),
     ]  # fmt: skip
     section = [
         "## Cluster (issue 11.7): cross-node vs same-node, node processes on Redis, vs sshd",
