@@ -11,7 +11,9 @@ bench/run.py's device and load client (bench/device.py, bench/load.py):
 
 Rows: circuit setup (N sequential circuits through one ``-L``: connect, 1-byte echo,
 close; median and p99, the hop warm after the first), bulk up and down (one circuit,
-pinned cipher aes128-ctr + hmac-sha2-256 as in bench/run.py). Repetitions are
+pinned cipher as in bench/run.py), and parallel: 8 circuits at once, each from its own
+client connection to its own initiator, with 1 node, 2 reuse_port workers (nodes w1
+and w2 on one port, one cluster) and sshd. Repetitions are
 interleaved (same, cross, sshd, same, ...). The table is written into
 bench/RESULTS.md as a ``## Cluster`` section (replacing an earlier one).
 
