@@ -94,7 +94,7 @@ def prepare(rest: list[str]) -> None:
     start: N processes creating them at the same moment would race."""
     from . import config as configmod
     from .authkeys import AuthorizedKeysFile
-    from .hostkeys import HostKeyError, load_host_keys, load_or_create_secret
+    from .hostkeys import HostKeyError, load_host_keys, load_or_create, load_or_create_secret
 
     path = None
     for i, arg in enumerate(rest):
@@ -112,6 +112,9 @@ def prepare(rest: list[str]) -> None:
             }
         )
         load_or_create_secret(cfg.host_key_dir)
+        if cfg.cluster_key_file:
+            # The cluster's key for hops between nodes: one file shared by every node.
+            load_or_create(cfg.cluster_key_file, "ed25519")
         AuthorizedKeysFile(cfg.authorized_keys_file).ensure_exists()
     except (configmod.ConfigError, HostKeyError) as exc:
         raise SystemExit(f"nuttconch: {exc}") from None

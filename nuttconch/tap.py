@@ -9,8 +9,11 @@ pass a ``MemoryReactorClock`` and see what would listen and when timers fire.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import resource
 import signal
+import socket
 from typing import Any
 
 from twisted.application import internet, service, strports
@@ -187,6 +190,18 @@ def listener(
     return server, shown
 
 
+def default_relay_address(relay_listen: str) -> str:
+    """What other nodes dial when ``relay_address`` is empty: this host's name and the
+    relay port, when the relay listens on every address (``tcp:PORT``); else nothing."""
+    match = re.match(r"^tcp6?:(\d+)(.*)$", relay_listen)
+    if match is None:
+        return ""
+    interface = re.search(r"interface=([^:]*(?:\\:[^:]*)*)", match.group(2))
+    if interface is not None and interface.group(1) not in ("0.0.0.0", "\\:\\:", ""):
+        return ""
+    return f"tcp:{socket.gethostname()}:{match.group(1)}"
+
+
 def make_registry(
     cfg: configmod.Config, secret: bytes = b"", host_keys: dict[bytes, Any] | None = None
 ) -> Any:
@@ -200,7 +215,7 @@ def make_registry(
         cfg.node_name,
         lease=cfg.lease_time,
         timeout=cfg.redis_timeout,
-        info={"relay": cfg.relay_address},
+        info={"relay": cfg.relay_address or default_relay_address(cfg.relay_listen)},
     )
     if secret:
         registry.identity = identity_of(secret, host_keys or {})
@@ -304,11 +319,55 @@ def install_operations(
         hooks.setServiceParent(parent)
 
 
+_SERVER_PORT = re.compile(r"^(tcp6?:)(\d+)(.*)$")
+_CLIENT_PORT = re.compile(r"^(tcp6?:(?:[^:\\]|\\.)+:)(\d+)(.*)$")
+
+
+def _worker_endpoint(text: str, index: int, pattern: re.Pattern[str]) -> str:
+    """The endpoint of worker ``index``: a TCP port moved up by index - 1, a Unix path
+    given a ``-wN`` suffix."""
+    if not text or index <= 1:
+        return text
+    match = pattern.match(text)
+    if match is not None:
+        return f"{match.group(1)}{int(match.group(2)) + index - 1}{match.group(3)}"
+    if text.startswith("unix:"):
+        path, sep, rest = text[5:].partition(":")
+        return f"unix:{path}-w{index}{sep}{rest}"
+    raise ValueError(
+        f"--workers with [cluster] needs relay endpoints of the form tcp:PORT or unix:PATH"
+        f" (each worker takes its own), not {text!r}"
+    )
+
+
+def worker_config(cfg: configmod.Config, index: int) -> configmod.Config:
+    """What worker ``index`` of ``--workers`` runs with: in a cluster every worker is a
+    node of its own (a node name is held by one process), so it gets ``NAME-wINDEX``
+    and its own relay port (the configured one plus index - 1) or socket path."""
+    if not cfg.redis_url or index < 1:
+        return cfg
+    from .cluster.registry import default_node_name
+
+    base = cfg.node_name or default_node_name()
+    values = {
+        **cfg.values,
+        "node_name": f"{base[:59]}-w{index}",
+        "relay_listen": _worker_endpoint(cfg.relay_listen, index, _SERVER_PORT),
+        "relay_address": _worker_endpoint(cfg.relay_address, index, _CLIENT_PORT),
+    }
+    return dataclasses.replace(cfg, values=values)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     """The whole server from parsed options: every part built here, on ``reactor``."""
     if reactor is None:
         from twisted.internet import reactor
     cfg: configmod.Config = options["loaded"]
+    if options["worker"]:
+        try:
+            cfg = worker_config(cfg, int(options["worker"]))
+        except ValueError as exc:
+            raise SystemExit(f"nuttconch: {exc}") from None
     raise_fd_limit()
     try:
         factory, registry = build(cfg, clock=reactor)

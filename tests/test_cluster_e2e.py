@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from typing import Any
@@ -64,10 +65,11 @@ class NodeProcess:
         self.port = port
         self.relay_port = relay_port
         self.proc = SSHProcess(None)
+        self.extra: list[str] = []
 
     def start(self) -> None:
         env = {**ENV, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "nuttconch", "--config", self.ini]
+        argv = [sys.executable, "-m", "nuttconch", "--config", self.ini, *self.extra]
         reactor.spawnProcess(self.proc, argv[0], argv, env=env, path=os.path.dirname(self.ini))
 
     @property
@@ -530,6 +532,71 @@ class ReusePortWorkersTests(ClusterProcessMixin, unittest.TestCase):
             for _ in range(4):  # four clients: some land on each worker
                 out, err, code = yield self.ssh(
                     "shared", me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
+                )
+                self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free on 127.0.0.1 (bounded tries)."""
+    for _ in range(50):
+        first = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no two consecutive free ports")
+
+
+class WorkersCommandTests(ClusterProcessMixin, unittest.TestCase):
+    """``nuttconch --workers 2`` with a [cluster] config: one node per worker."""
+
+    @defer.inlineCallbacks
+    def test_workers_command_makes_one_node_per_worker(self) -> Any:
+        """Each worker joins as NAME-wN with its own relay port (the configured one plus
+        N - 1), so neither waits on the other's lease; an initiator registered with either
+        worker is reached by clients on the shared port."""
+        port, relay = free_port(), free_port_pair()
+        node = self.writeNode(
+            "fleet",
+            port=port,
+            server="reuse_port = true\n",
+            relay_listen=str(relay),
+            relay_address=f"127.0.0.1:{relay}",
+        )
+        node.extra = ["--workers", "2"]
+        node.start()
+        deadline = time.monotonic() + 60
+        while node.log.count("is current") < 2:
+            self.assertLess(time.monotonic(), deadline, f"two workers joined: {node.log[-2000:]}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        holders: dict[str, str] = {}
+        for attempt in range(40):  # new source ports until each worker holds one initiator
+            user = f"dev{attempt}"
+            key = self.key(user, 'access="initiate"')
+            tag = f"{user}:".encode()
+            proc, name = yield self.initiator(
+                "fleet", user, key, f"80:127.0.0.1:{listen_echo(self, tag)}"
+            )
+            rows = yield self.waitListed("fleet", lambda rows, n=name: n in [r[0] for r in rows])
+            holder = [r[1] for r in rows if r[0] == name][0]
+            if holder in holders.values():
+                yield proc.kill()
+                yield self.waitListed(
+                    "fleet", lambda rows, n=name: n not in [r[0] for r in rows], 10, "gone"
+                )
+                continue
+            holders[name] = holder
+            if len(holders) == 2:
+                break
+        self.assertEqual(sorted(holders.values()), ["fleet-w1", "fleet-w2"])
+        me = self.key("me", 'access="listen"')
+        for name in holders:
+            user = name.split("-")[0]
+            for _ in range(4):  # four clients: some land on each worker
+                out, err, code = yield self.ssh(
+                    "fleet", me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
                 )
                 self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)
 

@@ -101,3 +101,44 @@ class MakeServiceTests(unittest.TestCase):
         for _ in range(3):
             factory.penalise("192.0.2.1", "authfail")
         self.assertEqual(seen, ["penalty"])
+
+
+class WorkerConfigTests(unittest.TestCase):
+    """What each worker of ``--workers`` runs with in a cluster, and the derived address."""
+
+    def test_worker_endpoints(self) -> None:
+        """Each row: worker N's relay endpoint is the port plus N - 1, or the path -wN."""
+        from nuttconch.tap import _CLIENT_PORT, _SERVER_PORT, _worker_endpoint
+
+        rows = [
+            ("tcp:2300", 1, _SERVER_PORT, "tcp:2300"),
+            ("tcp:2300", 3, _SERVER_PORT, "tcp:2302"),
+            ("tcp:2300:interface=127.0.0.1", 2, _SERVER_PORT, "tcp:2301:interface=127.0.0.1"),
+            ("tcp6:2300:interface=\\:\\:1", 2, _SERVER_PORT, "tcp6:2301:interface=\\:\\:1"),
+            ("unix:/run/relay.sock", 2, _SERVER_PORT, "unix:/run/relay.sock-w2"),
+            ("tcp:127.0.0.1:2300", 2, _CLIENT_PORT, "tcp:127.0.0.1:2301"),
+            ("tcp6:\\:\\:1:2300", 2, _CLIENT_PORT, "tcp6:\\:\\:1:2301"),
+            ("", 2, _CLIENT_PORT, ""),
+        ]
+        for text, index, pattern, expected in rows:
+            self.assertEqual(_worker_endpoint(text, index, pattern), expected, text)
+        with self.assertRaises(ValueError):
+            _worker_endpoint("tcp:host=a:port=3", 2, _CLIENT_PORT)
+
+    def test_default_relay_address(self) -> None:
+        """Each row: an empty relay_address becomes HOSTNAME:PORT only for a relay on
+        every address."""
+        import socket
+
+        from nuttconch.tap import default_relay_address
+
+        host = socket.gethostname()
+        rows = [
+            ("tcp:2300", f"tcp:{host}:2300"),
+            ("tcp:2300:interface=0.0.0.0", f"tcp:{host}:2300"),
+            ("tcp:2300:interface=127.0.0.1", ""),
+            ("unix:/run/relay.sock", ""),
+            ("", ""),
+        ]
+        for text, expected in rows:
+            self.assertEqual(default_relay_address(text), expected, text)
