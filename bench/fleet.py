@@ -31,7 +31,7 @@ import asyncssh
 
 PINNED = {
     "encryption_algs": ["aes128-ctr"],
-    "mac_algs": ["hmac-sha2-256"],
+    "mac_algs": ["hmac-sha2-256-etm@openssh.com"],  # the server's default list is EtM only
     "kex_algs": ["curve25519-sha256"],
     "compression_algs": ["none"],
     "server_host_key_algs": ["ssh-ed25519"],
