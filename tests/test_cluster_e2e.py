@@ -289,6 +289,43 @@ class ClusterProcessMixin:
         )
         return proc, [r[0] for r in rows if r[0].startswith(f"{user}-")][0]
 
+    @defer.inlineCallbacks
+    def onePerWorker(self, node: str, count: int) -> Any:
+        """Initiators on the shared port until ``count`` workers each hold one (new source
+        ports; a second one on a worker that has one is dropped): {name: node column}."""
+        holders: dict[str, str] = {}
+        for attempt in range(40):
+            user = f"dev{attempt}"
+            key = self.key(user, 'access="initiate"')
+            tag = f"{user}:".encode()
+            proc, name = yield self.initiator(
+                node, user, key, f"80:127.0.0.1:{listen_echo(self, tag)}"
+            )
+            rows = yield self.waitListed(node, lambda rows, n=name: n in [r[0] for r in rows])
+            holder = [r[1] for r in rows if r[0] == name][0]
+            if holder in holders.values():
+                yield proc.kill()
+                yield self.waitListed(
+                    node, lambda rows, n=name: n not in [r[0] for r in rows], 10, "gone"
+                )
+                continue
+            holders[name] = holder
+            if len(holders) == count:
+                break
+        return holders
+
+    @defer.inlineCallbacks
+    def reachEach(self, node: str, holders: dict[str, str]) -> Any:
+        """Four clients on the shared port reach each initiator (some land on each worker)."""
+        me = self.key("me", 'access="listen"')
+        for name in holders:
+            user = name.split("-")[0]
+            for _ in range(4):
+                out, err, code = yield self.ssh(
+                    node, me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
+                )
+                self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)  # type: ignore[attr-defined]
+
 
 class CrossNodeFlowTests(ClusterProcessMixin, unittest.TestCase):
     """-R on node b; -W, -L, -J and -D through node a, across the hop, bytes intact."""
@@ -504,36 +541,11 @@ class ReusePortWorkersTests(ClusterProcessMixin, unittest.TestCase):
         port = free_port()
         yield self.startNodes("w1", "w2", port=port, server="reuse_port = true\n")
         self.nodes["shared"] = self.nodes["w1"]  # ssh to the shared port
-        holders: dict[str, str] = {}
-        for attempt in range(40):  # new source ports until each worker holds one initiator
-            user = f"dev{attempt}"
-            key = self.key(user, 'access="initiate"')
-            tag = f"{user}:".encode()
-            proc, name = yield self.initiator(
-                "shared", user, key, f"80:127.0.0.1:{listen_echo(self, tag)}"
-            )
-            rows = yield self.waitListed("shared", lambda rows, n=name: n in [r[0] for r in rows])
-            node = [r[1] for r in rows if r[0] == name][0]
-            if node in holders.values():
-                yield proc.kill()
-                yield self.waitListed(
-                    "shared", lambda rows, n=name: n not in [r[0] for r in rows], 10, "gone"
-                )
-                continue
-            holders[name] = node
-            if len(holders) == 2:
-                break
+        holders = yield self.onePerWorker("shared", 2)
         self.assertEqual(sorted(holders.values()), ["w1", "w2"], "both workers accept")
         for worker in ("w1", "w2"):
             self.assertIn("authenticated", self.nodes[worker].log)
-        me = self.key("me", 'access="listen"')
-        for name in holders:
-            user = name.split("-")[0]
-            for _ in range(4):  # four clients: some land on each worker
-                out, err, code = yield self.ssh(
-                    "shared", me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
-                )
-                self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)
+        yield self.reachEach("shared", holders)
 
 
 def free_port_pair() -> int:
@@ -571,34 +583,9 @@ class WorkersCommandTests(ClusterProcessMixin, unittest.TestCase):
         while node.log.count("is current") < 2:
             self.assertLess(time.monotonic(), deadline, f"two workers joined: {node.log[-2000:]}")
             yield task.deferLater(reactor, 0.1, lambda: None)
-        holders: dict[str, str] = {}
-        for attempt in range(40):  # new source ports until each worker holds one initiator
-            user = f"dev{attempt}"
-            key = self.key(user, 'access="initiate"')
-            tag = f"{user}:".encode()
-            proc, name = yield self.initiator(
-                "fleet", user, key, f"80:127.0.0.1:{listen_echo(self, tag)}"
-            )
-            rows = yield self.waitListed("fleet", lambda rows, n=name: n in [r[0] for r in rows])
-            holder = [r[1] for r in rows if r[0] == name][0]
-            if holder in holders.values():
-                yield proc.kill()
-                yield self.waitListed(
-                    "fleet", lambda rows, n=name: n not in [r[0] for r in rows], 10, "gone"
-                )
-                continue
-            holders[name] = holder
-            if len(holders) == 2:
-                break
+        holders = yield self.onePerWorker("fleet", 2)
         self.assertEqual(sorted(holders.values()), ["fleet-w1", "fleet-w2"])
-        me = self.key("me", 'access="listen"')
-        for name in holders:
-            user = name.split("-")[0]
-            for _ in range(4):  # four clients: some land on each worker
-                out, err, code = yield self.ssh(
-                    "fleet", me, "me", "-W", f"{name}:80", "127.0.0.1", stdin=b"ping"
-                )
-                self.assertEqual((out, code), (f"{user}:ping".encode(), 0), err)
+        yield self.reachEach("fleet", holders)
 
 
 class HopAccessProcessTests(ClusterProcessMixin, unittest.TestCase):
