@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.ssh.keys import Key
@@ -25,16 +25,20 @@ SSH = (which("ssh") or [None])[0]
 _HOSTKEY_CACHE: str | None = None
 
 
+def missing(what: str, install: str) -> NoReturn:
+    """A tool or package a test needs is absent: a skip on a developer's machine, a
+    failure under CI (``.ci/run`` installs everything), so CI never skips silently."""
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{what} is not installed ({install})")
+    from twisted.trial.unittest import SkipTest
+
+    raise SkipTest(f"{what} is not installed ({install})")
+
+
 def require_ssh() -> str:
     """The OpenSSH client; in CI its absence is a failure, never a silent skip."""
     if SSH is None:
-        if os.environ.get("CI"):
-            raise RuntimeError(
-                "OpenSSH client 'ssh' is not installed (apt-get install openssh-client)"
-            )
-        from twisted.trial.unittest import SkipTest
-
-        raise SkipTest("OpenSSH client not installed")
+        missing("OpenSSH client 'ssh'", "apt-get install openssh-client")
     return SSH
 
 

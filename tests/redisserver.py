@@ -12,15 +12,13 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 
+from .harness import missing
+
 
 def require_redis() -> str:
     path = shutil.which("redis-server")
     if path is None:
-        from twisted.trial.unittest import SkipTest
-
-        if os.environ.get("CI"):
-            raise AssertionError("redis-server is required in CI (.ci/run installs it)")
-        raise SkipTest("redis-server is not installed")
+        missing("redis-server", "apt-get install redis-server")
     return path
 
 

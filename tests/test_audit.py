@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from nuttconch import config as configmod
 from nuttconch import crypto
 
-from .harness import SwitchboardTestMixin, host_key_dir
+from .harness import SwitchboardTestMixin, host_key_dir, missing
 
 # The only warning accepted: what curve25519 is, for clients without mlkem768x25519.
 ACCEPTED_WARNING = "does not provide protection against post-quantum attacks"
@@ -200,9 +200,7 @@ class AuditTests(NewInstallationMixin, unittest.TestCase):
 
     def setUp(self) -> Any:
         if not SSH_AUDIT:
-            if os.environ.get("CI"):
-                raise RuntimeError("ssh-audit is not installed (pip install -e .[test])")
-            raise unittest.SkipTest("ssh-audit not installed")
+            missing("ssh-audit", "pip install '.[test]'")
         return super().setUp()
 
     @defer.inlineCallbacks

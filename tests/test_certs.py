@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from nuttconch import authkeys, certs, policy
 from nuttconch import config as configmod
 
-from .harness import SwitchboardTestMixin, listen_echo
+from .harness import SwitchboardTestMixin, listen_echo, missing
 from .rawssh import NS, connect_client
 from .test_auth_security import MSG_USERAUTH_FAILURE, MSG_USERAUTH_REQUEST, MSG_USERAUTH_SUCCESS
 from .test_threats import LogCapture
@@ -47,7 +47,7 @@ class CertMaker:
 
     def __init__(self, directory: str) -> None:
         if SSH_KEYGEN is None:
-            raise unittest.SkipTest("ssh-keygen is not installed")
+            missing("ssh-keygen", "apt-get install openssh-client")
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
         for name in ("ca", "ca2", "user"):

@@ -27,7 +27,7 @@ from nuttconch import config as configmod
 from nuttconch.circuit import OpenRefused
 from nuttconch.cluster import relay
 from nuttconch.tap import build
-from tests.harness import SSH, SwitchboardTestMixin, _timeout, listen_echo, make_key
+from tests.harness import SSH, SwitchboardTestMixin, _timeout, listen_echo, make_key, missing
 
 
 class Node:
@@ -727,7 +727,7 @@ class HopSocksTests(TwoNodeMixin, unittest.TestCase):
 
         curl = which("curl")
         if not curl:
-            raise unittest.SkipTest("curl not installed")
+            missing("curl", "apt-get install curl")
         factory = protocol.Factory.forProtocol(HttpDevice)
         factory.body = os.urandom(4 << 20)  # type: ignore[attr-defined]
         dev = reactor.listenTCP(0, factory, interface="127.0.0.1")

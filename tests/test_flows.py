@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from .harness import SSH, SSHProcess, SwitchboardTestMixin, listen_echo
+from .harness import SSH, SSHProcess, SwitchboardTestMixin, listen_echo, missing
 
 SSHD = "/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None
 CURL = (which("curl") or [None])[0]
@@ -34,9 +34,7 @@ ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 def require(tool: str | None, what: str) -> str:
     """A tool a test needs; missing in CI is a failure, elsewhere a skip."""
     if tool is None:
-        if os.environ.get("CI"):
-            raise RuntimeError(f"{what} is not installed")
-        raise unittest.SkipTest(f"{what} is not installed")
+        missing(what, "see the README's first paragraph; .ci/run installs it")
     return tool
 
 

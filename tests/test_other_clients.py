@@ -12,7 +12,7 @@ from twisted.conch.ssh.keys import Key
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from .harness import SSHProcess, SwitchboardTestMixin, _timeout, listen_echo
+from .harness import SSHProcess, SwitchboardTestMixin, _timeout, listen_echo, missing
 
 DBCLIENT = shutil.which("dbclient")
 PLINK = shutil.which("plink")
@@ -20,9 +20,7 @@ PLINK = shutil.which("plink")
 
 def _need(tool: str | None, package: str) -> str:
     if tool is None:
-        if os.environ.get("CI"):
-            raise RuntimeError(f"{package} is not installed (apt-get install {package})")
-        raise unittest.SkipTest(f"{package} not installed")
+        missing(package, f"apt-get install {package}")
     return tool
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from .harness import SwitchboardTestMixin, listen_echo
+from .harness import SwitchboardTestMixin, listen_echo, missing
 
 try:
     import paramiko
@@ -41,7 +41,7 @@ class ParamikoTests(SwitchboardTestMixin, unittest.TestCase):
 
     def setUp(self) -> Any:
         if paramiko is None:
-            raise unittest.SkipTest("paramiko not installed")
+            missing("paramiko", "pip install '.[test]'")
         return super().setUp()
 
     def connect(self, keyPath: str, user: str) -> defer.Deferred[Any]:

@@ -19,7 +19,7 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.python.procutils import which
 from twisted.trial import unittest
 
-from .harness import _timeout, listen_echo
+from .harness import _timeout, listen_echo, missing
 from .test_ops import OpsTestMixin
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -30,9 +30,7 @@ def find_chromium() -> str:
         found = which(name)
         if found:
             return found[0]
-    if os.environ.get("CI"):
-        raise RuntimeError("Chromium is not installed (apt-get install chromium)")
-    raise unittest.SkipTest("Chromium not installed (apt-get install chromium)")
+    missing("Chromium", "apt-get install chromium")
 
 
 class DevTools(protocol.ProcessProtocol):
