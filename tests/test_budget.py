@@ -13,10 +13,9 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import sys
 from typing import Any
 
-from twisted.conch.ssh import channel
+from twisted.conch.ssh import channel, common
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -25,27 +24,11 @@ from nuttconch import config as configmod
 from nuttconch.budget import FLOOR, ConnectionLimits, MemoryBudget, TooManyConnections
 
 from .rawssh import NS, direct_tcpip, open_failure_code
+from .test_stress import figure, rss_kib
 from .test_threats import OPEN_RESOURCE_SHORTAGE, ThreatMixin, server_buffered
 
 MiB = 1024 * 1024
 WINDOW = 2 * MiB
-
-
-def figure(name: str, value: Any) -> None:
-    line = f"FIGURE {name} {value}"
-    sys.stderr.write(line + "\n")
-    path = os.environ.get("NUTTCONCH_FIGURES")
-    if path:
-        with open(path, "a") as handle:
-            handle.write(line + "\n")
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 class End:
@@ -321,7 +304,7 @@ class BudgetAttackTests(ThreatMixin, unittest.TestCase):
             num, payload = yield opened
             return payload
         num, openPayload = yield init.inbox.expect(90)
-        ctype, rest = _getNS(openPayload)
+        ctype, rest = common.getNS(openPayload)
         theirId = struct.unpack(">L", rest[:4])[0]
         init.sendPacket(91, struct.pack(">4L", theirId, sender, 0, 32768))
         num, payload = yield opened
@@ -488,8 +471,3 @@ class BudgetAttackTests(ThreatMixin, unittest.TestCase):
         self.assertTrue(other.authenticated, other.banner)
         self.assertEqual(self.factory.connectionLimits.by_source, {"127.0.0.1": 2, "127.0.0.2": 1})
         del c
-
-
-def _getNS(data: bytes) -> tuple[bytes, bytes]:
-    (length,) = struct.unpack(">L", data[:4])
-    return data[4 : 4 + length], data[4 + length :]
