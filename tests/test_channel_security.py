@@ -349,41 +349,41 @@ class ExtendedDataTests(ChannelMixin, unittest.TestCase):
         return pushed
 
     @defer.inlineCallbacks
+    def checkExtendedDataWindow(self, fromClient: bool) -> Any:
+        """Push data and extended data from one side of a circuit whose far end does not
+        read: it gets back no more window than the far end took plus the extended bytes,
+        and the server holds at most one window."""
+        init, name = yield self.rawInitiator()
+        c = yield self.authed('access="listen"')
+        # The far end (the one not pushing) gets the small window.
+        small = {"initWindow" if fromClient else "clientWindow": 65536}
+        rc = yield self.rawCircuit(c, init, name, **small)
+        self.assertIsInstance(rc, RawCircuit)
+        if fromClient:
+            label, sender = "client->initiator", c
+            remote, local, window, maxPacket = rc.cremote, rc.cid, rc.cwindow, rc.cmax
+        else:
+            label, sender = "initiator->client", init
+            remote, local, window, maxPacket = rc.iremote, rc.iid, rc.iwindow, rc.imax
+        rss = rss_kib()
+        pushed = yield self.pushWithExtendedData(sender, remote, local, window, maxPacket)
+        held = server_channel_buffers(self.factory)
+        figure(
+            f"14.2 {label}: window {window}, pushed {pushed}, held {held},"
+            f" process RSS {rss_kib() - rss:+d} KiB"
+        )
+        self.assertLessEqual(pushed, window + 65536 + 4)
+        self.assertLessEqual(held, window)
+        yield self.assertServing()
+
     def test_client_extended_data_does_not_refill_window(self) -> Any:
         """A client pushing into an initiator that does not read gets back no more window
         than the initiator took plus the extended bytes: at most one window is held."""
-        init, name = yield self.rawInitiator()
-        c = yield self.authed('access="listen"')
-        rc = yield self.rawCircuit(c, init, name, initWindow=65536)
-        self.assertIsInstance(rc, RawCircuit)
-        rss = rss_kib()
-        pushed = yield self.pushWithExtendedData(c, rc.cremote, rc.cid, rc.cwindow, rc.cmax)
-        held = server_channel_buffers(self.factory)
-        figure(
-            f"14.2 client->initiator: window {rc.cwindow}, pushed {pushed}, held {held},"
-            f" process RSS {rss_kib() - rss:+d} KiB"
-        )
-        self.assertLessEqual(pushed, rc.cwindow + 65536 + 4)
-        self.assertLessEqual(held, rc.cwindow)
-        yield self.assertServing()
+        return self.checkExtendedDataWindow(fromClient=True)
 
-    @defer.inlineCallbacks
     def test_initiator_extended_data_does_not_refill_window(self) -> Any:
         """The same from the initiator's side, toward a client that does not read."""
-        init, name = yield self.rawInitiator()
-        c = yield self.authed('access="listen"')
-        rc = yield self.rawCircuit(c, init, name, clientWindow=65536)
-        self.assertIsInstance(rc, RawCircuit)
-        rss = rss_kib()
-        pushed = yield self.pushWithExtendedData(init, rc.iremote, rc.iid, rc.iwindow, rc.imax)
-        held = server_channel_buffers(self.factory)
-        figure(
-            f"14.2 initiator->client: window {rc.iwindow}, pushed {pushed}, held {held},"
-            f" process RSS {rss_kib() - rss:+d} KiB"
-        )
-        self.assertLessEqual(pushed, rc.iwindow + 65536 + 4)
-        self.assertLessEqual(held, rc.iwindow)
-        yield self.assertServing()
+        return self.checkExtendedDataWindow(fromClient=False)
 
     @defer.inlineCallbacks
     def test_extended_data_past_window_is_a_protocol_error(self) -> Any:
