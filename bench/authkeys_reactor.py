@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -28,10 +27,11 @@ from twisted.internet import defer, protocol, reactor, task, utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import run, scratch, serve  # noqa: E402
+
 from nuttconch import authkeys  # noqa: E402
-from nuttconch import config as configmod  # noqa: E402
-from nuttconch.tap import KEYS_POLL_SECONDS, build  # noqa: E402
-from tests.harness import host_key_dir, make_key  # noqa: E402
+from nuttconch.tap import KEYS_POLL_SECONDS  # noqa: E402
+from tests.harness import make_key  # noqa: E402
 
 LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 LOGINS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -75,22 +75,13 @@ def base_args(port: int) -> list[str]:
 
 @defer.inlineCallbacks
 def main() -> object:
-    work = tempfile.mkdtemp(prefix="nuttconch-bench-")
-    keydir = os.path.join(work, "keys")
-    shutil.copytree(host_key_dir(), keydir)
+    work, keydir = scratch("nuttconch-bench-")
     akfile = os.path.join(keydir, "authorized_keys")
     lines_file(akfile)
     known, public = make_key(work, "known")
     with open(akfile, "a") as handle:
         handle.write(f'access="listen" {public} known\n')
-    ini = os.path.join(work, "nuttssh.ini")
-    with open(ini, "w") as handle:
-        handle.write(
-            "[server]\nlisten_host = 127.0.0.1\nlisten_port = 0\n"
-            f"per_source_penalty_exempt_list = 127.0.0.1\n[keys]\nhost_key_dir = {keydir}\n"
-        )
-    factory, _ = build(configmod.load(ini))
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1").getHost().port
+    factory, port = serve(work, keydir)
     poll = task.LoopingCall(factory.checkKeys)
     poll.start(KEYS_POLL_SECONDS, now=True)
     held = []
@@ -151,12 +142,5 @@ def main() -> object:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def run() -> None:
-    d = main()
-    d.addErrback(lambda f: (f.printTraceback(), None))
-    d.addBoth(lambda _: reactor.stop())
-    reactor.run()
-
-
 if __name__ == "__main__":
-    run()
+    run(main)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nuttconch import config as configmod  # noqa: E402
-from nuttconch.tap import build  # noqa: E402
-from tests.harness import host_key_dir  # noqa: E402
+from _common import run, scratch, serve  # noqa: E402
+
 from tests.rawssh import connect_client  # noqa: E402
 from tests.test_auth_security import signed_request  # noqa: E402
 
@@ -31,17 +29,8 @@ COUNT = int(sys.argv[1]) if len(sys.argv) > 1 else 100
 
 @defer.inlineCallbacks
 def main() -> object:
-    work = tempfile.mkdtemp(prefix="nuttconch-flood-")
-    keydir = os.path.join(work, "keys")
-    shutil.copytree(host_key_dir(), keydir)
-    ini = os.path.join(work, "nuttssh.ini")
-    with open(ini, "w") as handle:
-        handle.write(
-            "[server]\nlisten_host = 127.0.0.1\nlisten_port = 0\n"
-            f"per_source_penalty_exempt_list = 127.0.0.1\n[keys]\nhost_key_dir = {keydir}\n"
-        )
-    factory, _ = build(configmod.load(ini))
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1").getHost().port
+    work, keydir = scratch("nuttconch-flood-")
+    factory, port = serve(work, keydir)
     trusted = 0
     refusals: set[bytes] = set()
     for _ in range(COUNT):
@@ -61,12 +50,5 @@ def main() -> object:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def run() -> None:
-    d = main()
-    d.addErrback(lambda f: (f.printTraceback(), None))
-    d.addBoth(lambda _: reactor.stop())
-    reactor.run()
-
-
 if __name__ == "__main__":
-    run()
+    run(main)
