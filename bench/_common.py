@@ -29,11 +29,13 @@ def scratch(prefix: str) -> tuple[str, str]:
 
 
 def serve(work: str, keydir: str) -> tuple[Any, int]:
-    """(factory, port) of a server on 127.0.0.1 that never penalises 127.0.0.1."""
+    """(factory, port) of a server on 127.0.0.1 that never penalises 127.0.0.1 and
+    offers the encrypt-and-MAC MACs Twisted Conch's client (tests.rawssh) needs."""
     ini = os.path.join(work, "nuttssh.ini")
     with open(ini, "w") as handle:
         handle.write(
             "[server]\nlisten_host = 127.0.0.1\nlisten_port = 0\n"
+            "macs = +hmac-sha2-256,hmac-sha2-512\n"
             f"per_source_penalty_exempt_list = 127.0.0.1\n[keys]\nhost_key_dir = {keydir}\n"
         )
     factory, _ = build(configmod.load(ini))
@@ -44,6 +46,6 @@ def serve(work: str, keydir: str) -> tuple[Any, int]:
 def run(main: Callable[[], Any]) -> None:
     """Run the reactor until main()'s Deferred fires, printing any failure."""
     d = main()
-    d.addErrback(lambda f: (f.printTraceback(), None))
+    d.addErrback(lambda f: (f.printTraceback(file=sys.stderr), None))
     d.addBoth(lambda _: reactor.stop())
     reactor.run()
