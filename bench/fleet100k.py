@@ -34,16 +34,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.fleet_workers import workers_of  # noqa: E402
 from bench.keepalive_cpu import cpu_seconds, rss_kib  # noqa: E402
 from bench.storm import circuit_latency, echo_server, free_port, percentile  # noqa: E402
 from tests.harness import host_key_dir, make_key  # noqa: E402
 
 PER_CLIENT = 15000
-
-
-def workers_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as handle:
-        return [int(p) for p in handle.read().split()]
 
 
 def available_mib() -> int:
