@@ -289,17 +289,9 @@ class SwitchboardConnection(connection.SSHConnection):
         chan = self.channels[localChannel]
         if not getattr(chan, "manualWindow", False):
             return super().ssh_CHANNEL_EXTENDED_DATA(packet)
-        if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
-            self.transport.protocolError("extended data exceeds the window or packet size")
-            return None
-        data = packet[12 : 12 + dataLength]
-        if len(data) != dataLength:
-            self.transport.protocolError("truncated extended data")
-            return None
-        chan.localWindowLeft -= dataLength
-        if chan.localClosed:
-            return None
-        chan.extReceived(typeCode, data)
+        data = self._takeWindowed(chan, packet, 12, dataLength, "extended data")
+        if data is not None:
+            chan.extReceived(typeCode, data)
         return None
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
@@ -311,18 +303,26 @@ class SwitchboardConnection(connection.SSHConnection):
         chan = self.channels[localChannel]
         if not getattr(chan, "manualWindow", False):
             return super().ssh_CHANNEL_DATA(bytes(packet))
+        data = self._takeWindowed(chan, packet, 8, dataLength, "channel data")
+        if data is not None:
+            chan.dataReceived(data)
+        return None
+
+    def _takeWindowed(self, chan: Any, packet: Any, start: int, dataLength: int, what: str) -> Any:
+        """The data of a (possibly extended) data message for a circuit end, charged to
+        its window; None if the message breaks the window or packet size (the connection
+        is then ended), is truncated, or the channel has closed on our side."""
         if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
-            self.transport.protocolError("channel data exceeds the window or packet size")
+            self.transport.protocolError(f"{what} exceeds the window or packet size")
             return None
-        data = packet[8 : 8 + dataLength]
+        data = packet[start : start + dataLength]
         if len(data) != dataLength:
-            self.transport.protocolError("truncated channel data")
+            self.transport.protocolError(f"truncated {what}")
             return None
         chan.localWindowLeft -= dataLength
         if chan.localClosed:
             return None
-        chan.dataReceived(data)
-        return None
+        return data
 
     def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
         localChannel = struct.unpack(">L", packet[:4])[0]
