@@ -107,7 +107,6 @@ class SwitchboardConnection(connection.SSHConnection):
         self.stopped = False
         self.lateMessages = 0
         self.badRequests = 0
-        self._readPaused = False
 
     @property
     def avatar(self) -> SwitchboardAvatar:
@@ -162,9 +161,9 @@ class SwitchboardConnection(connection.SSHConnection):
         if getattr(self.transport, "keyExchanging", False):
             return
         self.congested = False
-        if self._readPaused:
-            self._readPaused = False
-            self.transport.transport.resumeProducing()
+        resumeReading = getattr(self.transport, "resumeReading", None)
+        if resumeReading is not None:
+            resumeReading("replies unread")
         chans = list(self.channels.values())
         if not chans:
             return
@@ -253,7 +252,7 @@ class SwitchboardConnection(connection.SSHConnection):
         output buffer grow without end: stop reading from it until the buffer drains
         (Twisted then calls resumeProducing)."""
         tcp = self.transport.transport
-        if self._readPaused or getattr(tcp, "producer", None) is not self:
+        if getattr(tcp, "producer", None) is not self:
             return
         buffered = (
             len(getattr(tcp, "dataBuffer", b""))
@@ -261,8 +260,7 @@ class SwitchboardConnection(connection.SSHConnection):
             + getattr(tcp, "_tempDataLen", 0)
         )
         if buffered > READ_PAUSE_BUFFERED:
-            self._readPaused = True
-            tcp.pauseProducing()
+            self.transport.pauseReading("replies unread")
 
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
         localChannel, bytesToAdd = struct.unpack(">2L", packet[:8])
