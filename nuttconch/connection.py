@@ -67,18 +67,8 @@ _CHANNEL_MESSAGES = {
 }
 # Messages a peer may still send for a channel that has closed both ways: it built them
 # before it saw our CLOSE (paramiko does so routinely); OpenSSH ignores them as we do.
-_LATE_MESSAGES = frozenset(
-    {
-        connection.MSG_CHANNEL_WINDOW_ADJUST,
-        connection.MSG_CHANNEL_DATA,
-        connection.MSG_CHANNEL_EXTENDED_DATA,
-        connection.MSG_CHANNEL_EOF,
-        connection.MSG_CHANNEL_CLOSE,
-        connection.MSG_CHANNEL_REQUEST,
-        connection.MSG_CHANNEL_SUCCESS,
-        connection.MSG_CHANNEL_FAILURE,
-    }
-)
+# They are exactly the messages that need an open channel.
+_LATE_MESSAGES = frozenset(m for m, mustBeOpen in _CHANNEL_MESSAGES.items() if mustBeOpen)
 _unpack_3L = struct.Struct(">3L").unpack_from
 
 
