@@ -324,6 +324,11 @@ class CircuitEnd(channel.SSHChannel):
                 self.conn.sendEOF(self)
             self.conn.sendClose(self)
 
+    def openFailed(self, reason: Any) -> None:
+        """Never opened: its allotment returns to the budget (no Conch log line)."""
+        if self.budget is not None:
+            self.budget.close(self)
+
     def closed(self) -> None:
         if self.budget is not None:
             self.budget.close(self)
@@ -340,10 +345,6 @@ class ClientEnd(CircuitEnd):
     """The client's ``direct-tcpip`` channel (``ssh -L/-W/-J/-D``)."""
 
     name = b"direct-tcpip"
-
-    def openFailed(self, reason: Any) -> None:
-        if self.budget is not None:
-            self.budget.close(self)
 
 
 @implementer(IPendingEnd)
@@ -365,8 +366,7 @@ class InitiatorEnd(CircuitEnd):
             self.opened.callback(self)
 
     def openFailed(self, reason: Any) -> None:
-        if self.budget is not None:
-            self.budget.close(self)
+        super().openFailed(reason)
         if not self.abandoned:
             self.opened.errback(reason)
 

@@ -67,18 +67,8 @@ _CHANNEL_MESSAGES = {
 }
 # Messages a peer may still send for a channel that has closed both ways: it built them
 # before it saw our CLOSE (paramiko does so routinely); OpenSSH ignores them as we do.
-_LATE_MESSAGES = frozenset(
-    {
-        connection.MSG_CHANNEL_WINDOW_ADJUST,
-        connection.MSG_CHANNEL_DATA,
-        connection.MSG_CHANNEL_EXTENDED_DATA,
-        connection.MSG_CHANNEL_EOF,
-        connection.MSG_CHANNEL_CLOSE,
-        connection.MSG_CHANNEL_REQUEST,
-        connection.MSG_CHANNEL_SUCCESS,
-        connection.MSG_CHANNEL_FAILURE,
-    }
-)
+# They are exactly the messages that need an open channel.
+_LATE_MESSAGES = frozenset(m for m, mustBeOpen in _CHANNEL_MESSAGES.items() if mustBeOpen)
 _unpack_3L = struct.Struct(">3L").unpack_from
 
 
@@ -107,7 +97,6 @@ class SwitchboardConnection(connection.SSHConnection):
         self.stopped = False
         self.lateMessages = 0
         self.badRequests = 0
-        self._readPaused = False
 
     @property
     def avatar(self) -> SwitchboardAvatar:
@@ -162,9 +151,9 @@ class SwitchboardConnection(connection.SSHConnection):
         if getattr(self.transport, "keyExchanging", False):
             return
         self.congested = False
-        if self._readPaused:
-            self._readPaused = False
-            self.transport.transport.resumeProducing()
+        resumeReading = getattr(self.transport, "resumeReading", None)
+        if resumeReading is not None:
+            resumeReading("replies unread")
         chans = list(self.channels.values())
         if not chans:
             return
@@ -253,7 +242,7 @@ class SwitchboardConnection(connection.SSHConnection):
         output buffer grow without end: stop reading from it until the buffer drains
         (Twisted then calls resumeProducing)."""
         tcp = self.transport.transport
-        if self._readPaused or getattr(tcp, "producer", None) is not self:
+        if getattr(tcp, "producer", None) is not self:
             return
         buffered = (
             len(getattr(tcp, "dataBuffer", b""))
@@ -261,8 +250,7 @@ class SwitchboardConnection(connection.SSHConnection):
             + getattr(tcp, "_tempDataLen", 0)
         )
         if buffered > READ_PAUSE_BUFFERED:
-            self._readPaused = True
-            tcp.pauseProducing()
+            self.transport.pauseReading("replies unread")
 
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
         localChannel, bytesToAdd = struct.unpack(">2L", packet[:8])
@@ -289,17 +277,9 @@ class SwitchboardConnection(connection.SSHConnection):
         chan = self.channels[localChannel]
         if not getattr(chan, "manualWindow", False):
             return super().ssh_CHANNEL_EXTENDED_DATA(packet)
-        if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
-            self.transport.protocolError("extended data exceeds the window or packet size")
-            return None
-        data = packet[12 : 12 + dataLength]
-        if len(data) != dataLength:
-            self.transport.protocolError("truncated extended data")
-            return None
-        chan.localWindowLeft -= dataLength
-        if chan.localClosed:
-            return None
-        chan.extReceived(typeCode, data)
+        data = self._takeWindowed(chan, packet, 12, dataLength, "extended data")
+        if data is not None:
+            chan.extReceived(typeCode, data)
         return None
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
@@ -311,18 +291,26 @@ class SwitchboardConnection(connection.SSHConnection):
         chan = self.channels[localChannel]
         if not getattr(chan, "manualWindow", False):
             return super().ssh_CHANNEL_DATA(bytes(packet))
+        data = self._takeWindowed(chan, packet, 8, dataLength, "channel data")
+        if data is not None:
+            chan.dataReceived(data)
+        return None
+
+    def _takeWindowed(self, chan: Any, packet: Any, start: int, dataLength: int, what: str) -> Any:
+        """The data of a (possibly extended) data message for a circuit end, charged to
+        its window; None if the message breaks the window or packet size (the connection
+        is then ended), is truncated, or the channel has closed on our side."""
         if dataLength > chan.localWindowLeft or dataLength > chan.localMaxPacket:
-            self.transport.protocolError("channel data exceeds the window or packet size")
+            self.transport.protocolError(f"{what} exceeds the window or packet size")
             return None
-        data = packet[8 : 8 + dataLength]
+        data = packet[start : start + dataLength]
         if len(data) != dataLength:
-            self.transport.protocolError("truncated channel data")
+            self.transport.protocolError(f"truncated {what}")
             return None
         chan.localWindowLeft -= dataLength
         if chan.localClosed:
             return None
-        chan.dataReceived(data)
-        return None
+        return data
 
     def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
         localChannel = struct.unpack(">L", packet[:4])[0]

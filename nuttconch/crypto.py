@@ -561,9 +561,28 @@ class ModernTransportMixin(_TransportBase):
     #: Bytes (payloads plus bookkeeping) queued behind the current key exchange.
     _kexQueued = 0
 
+    #: Why reading from the peer is paused now (the socket resumes when none is left).
+    _readPauses: frozenset[str] = frozenset()
+
     def kexQueueGrew(self, queued: int) -> None:
         """A message was queued behind a key exchange; ``queued`` bytes are now held.
         Conch's queue has no bound: the subclass decides when to push back."""
+
+    def pauseReading(self, why: str) -> None:
+        """Stop reading from the peer for reason ``why`` (idempotent per reason)."""
+        if why in self._readPauses:
+            return
+        if not self._readPauses:
+            self.transport.pauseProducing()
+        self._readPauses = self._readPauses | {why}
+
+    def resumeReading(self, why: str) -> None:
+        """Reason ``why`` is over: read again once no other reason holds the pause."""
+        if why not in self._readPauses:
+            return
+        self._readPauses = self._readPauses - {why}
+        if not self._readPauses:
+            self.transport.resumeProducing()
 
     # outgoing
 

@@ -127,6 +127,18 @@ class _PeerTransport:
     def getPeer(self) -> IAddress:
         return self._peer
 
+    # Asked for on every packet: defined here, not looked up through __getattr__.
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self._transport.writeSequence(data)
+
+    @property
+    def disconnecting(self) -> Any:
+        return self._transport.disconnecting
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 

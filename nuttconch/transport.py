@@ -123,7 +123,6 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
     rekeyTimeout: float = REKEY_TIMEOUT
     kexQueueLimit: int = KEX_QUEUE_LIMIT
     _rekeyDeadline: Any = None
-    _readingPaused = False
 
     def connectionMade(self) -> None:
         """Enable TCP_NODELAY and start the handshake deadline before anything is read."""
@@ -355,12 +354,9 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         self._cancelRekeyDeadline()
         self._kexQueued = 0
         tcp = self.transport
-        if self._readingPaused:
-            self._readingPaused = False
-            # The connection service may hold its own read pause (replies left unread);
-            # that one ends when the socket drains, not here.
-            if not getattr(self.service, "_readPaused", False):
-                tcp.resumeProducing()
+        # The connection service may hold its own read pause (replies left unread);
+        # that one ends when the socket drains, not here.
+        self.resumeReading("kex queue")
         resume = getattr(self.service, "resumeProducing", None)
         if resume is not None and not getattr(tcp, "producerPaused", False):
             resume()
@@ -369,11 +365,10 @@ class SwitchboardTransport(ModernTransportMixin, conch_transport.SSHServerTransp
         """Called by the packet layer as messages queue behind a key exchange: past the
         limit, stop reading from the peer, whose requests are what can still add to it.
         The rekey deadline then ends a peer that does not finish the exchange."""
-        if queued > self.kexQueueLimit and not self._readingPaused:
+        if queued > self.kexQueueLimit:
             tcp = self.transport
             if tcp is not None and not getattr(tcp, "disconnecting", False):
-                self._readingPaused = True
-                tcp.pauseProducing()
+                self.pauseReading("kex queue")
 
     def _cancelRekeyDeadline(self) -> None:
         if self._rekeyDeadline is not None and self._rekeyDeadline.active():

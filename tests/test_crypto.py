@@ -742,3 +742,28 @@ class PiecesTests(unittest.TestCase):
         pool = crypto._RandomPool(64)
         draws = [pool(n) for n in (4, 19, 30, 11, 64, 5)]
         self.assertEqual(b"".join(draws), bytes(range(133)))
+
+
+class ReadPauseTests(unittest.TestCase):
+    """Reading stops while any reason holds it, and resumes only when none is left."""
+
+    def test_reasons_overlap(self) -> None:
+        calls: list[str] = []
+
+        class TCP:
+            def pauseProducing(self) -> None:
+                calls.append("pause")
+
+            def resumeProducing(self) -> None:
+                calls.append("resume")
+
+        transport = SwitchboardTransport()
+        transport.transport = TCP()
+        transport.pauseReading("kex queue")
+        transport.pauseReading("replies unread")
+        transport.pauseReading("kex queue")
+        transport.resumeReading("kex queue")
+        self.assertEqual(calls, ["pause"])
+        transport.resumeReading("replies unread")
+        transport.resumeReading("replies unread")
+        self.assertEqual(calls, ["pause", "resume"])
