@@ -473,10 +473,6 @@ class _KRLError(ValueError):
     pass
 
 
-def _krl_reader(data: bytes) -> _Reader:
-    return _Reader(data)
-
-
 def parse_krl(data: bytes) -> _Revocations:
     """OpenSSH's binary KRL (PROTOCOL.krl), as ``ssh-keygen -k`` writes it."""
     try:
