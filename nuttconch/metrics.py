@@ -154,9 +154,8 @@ class Metrics:
     def _on_circuit_open(self, fields: dict[str, Any]) -> None:
         self.circuits.labels("ok").inc()
         self.latency.observe(max(0.0, float(fields.get("latency", 0.0))))
-        name, _, port = str(fields.get("target", "")).rpartition(":")
         if self.by_name is not None:
-            self.by_name.labels(name).inc()
+            self.by_name.labels(str(fields.get("target", "")).rpartition(":")[0]).inc()
         # Remember which initiator connection carries it, for per-initiator bytes.
         listener_id = fields.get("listener_id")
         if listener_id:
