@@ -851,13 +851,6 @@ class AuthorizedKeysFile:
                 return self._view
         return None
 
-    def is_current(self) -> bool:
-        """True if the view is up to date: a `lookup` now would not read the file."""
-        try:
-            return self._current(self._stat()) is not None
-        except AuthorizedKeysUnavailable:
-            return False
-
     def reload_cost(self) -> int:
         """Bytes the next reload would parse (0: none); a guess made from stat alone."""
         try:

@@ -210,9 +210,7 @@ class SwitchboardAvatar(ConchUser):
             fingerprint=self.identity.fingerprint,
             count=self.misses,
         )
-        transport = self.conn.transport if self.conn is not None else None
-        if transport is not None:
-            transport.sendDisconnect(11, b"too many circuit opens to unknown names")
+        self.disconnect("too many circuit opens to unknown names")
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Dispatch like ConchUser, but never let a handler's bug drop the connection."""
@@ -244,9 +242,7 @@ class SwitchboardAvatar(ConchUser):
             hostname=self.identity.hostname,
             fingerprint=self.identity.fingerprint,
         )
-        transport = self.conn.transport if self.conn is not None else None
-        if transport is not None:
-            transport.sendDisconnect(11, b"key expired")
+        self.disconnect("key expired")
 
     def logout(self) -> None:
         """Unregister everything this connection held; called once, after channels close."""

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from twisted.conch.ssh import keys
 
+from .authkeys import fingerprint_of
 from .names import escape
 from .policy import KeyPolicy, check_command
 
@@ -124,11 +125,6 @@ def is_cert_algorithm(alg_name: bytes) -> bool:
     return alg_name.endswith(b"-cert-v01@openssh.com")
 
 
-def _fingerprint(blob: bytes) -> str:
-    digest = hashlib.sha256(blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
 def _utc(seconds: int) -> str:
     if seconds >= FOREVER:
         return "forever"
@@ -163,11 +159,11 @@ class Certificate:
     @property
     def fingerprint(self) -> str:
         """The certified key's fingerprint (what ``ssh-keygen -l`` shows for the key)."""
-        return _fingerprint(self.key_blob)
+        return fingerprint_of(self.key_blob)
 
     @property
     def ca_fingerprint(self) -> str:
-        return _fingerprint(self.ca_blob)
+        return fingerprint_of(self.ca_blob)
 
     def describe(self) -> str:
         """For log lines: id, serial and CA, as OpenSSH's sshd logs a certificate."""
@@ -471,10 +467,6 @@ _MAX_BITMAP_SERIALS = 1 << 20
 
 class _KRLError(ValueError):
     pass
-
-
-def _krl_reader(data: bytes) -> _Reader:
-    return _Reader(data)
 
 
 def parse_krl(data: bytes) -> _Revocations:

@@ -124,6 +124,9 @@ class Metrics:
         # Bytes of closed circuits per initiator connection (for the status page).
         # Keyed by the registry's listener id; ids of listeners gone are pruned as it grows.
         self.listener_bytes: dict[str, list[int]] = {}
+        # Above this many entries, look for gone listeners (twice the live ones at the
+        # last look, plus 64): reading the registry is not done on every circuit close.
+        self._pruneAbove = 64
         self._open: dict[int, str] = {}
         r.register(_LiveCollector(self))
 
@@ -151,9 +154,8 @@ class Metrics:
     def _on_circuit_open(self, fields: dict[str, Any]) -> None:
         self.circuits.labels("ok").inc()
         self.latency.observe(max(0.0, float(fields.get("latency", 0.0))))
-        name, _, port = str(fields.get("target", "")).rpartition(":")
         if self.by_name is not None:
-            self.by_name.labels(name).inc()
+            self.by_name.labels(str(fields.get("target", "")).rpartition(":")[0]).inc()
         # Remember which initiator connection carries it, for per-initiator bytes.
         listener_id = fields.get("listener_id")
         if listener_id:
@@ -177,8 +179,11 @@ class Metrics:
 
     def _prune(self) -> None:
         """Forget the totals of listeners that have left, once they outnumber the live."""
+        if len(self.listener_bytes) <= self._pruneAbove:
+            return
         listeners = self.factory.registry.listeners()
-        if len(self.listener_bytes) > 2 * len(listeners) + 64:
+        self._pruneAbove = 2 * len(listeners) + 64
+        if len(self.listener_bytes) > self._pruneAbove:
             live = {listener.id for listener in listeners}
             self.listener_bytes = {k: v for k, v in self.listener_bytes.items() if k in live}
 

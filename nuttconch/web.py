@@ -211,18 +211,6 @@ class MetricsPage(_Leaf):
         return encoder(self.metrics.registry)
 
 
-class JSONPage(_Leaf):
-    def __init__(self, snapshot: Any, factory: Any) -> None:
-        super().__init__()
-        self.snapshot = snapshot
-        self.factory = factory
-
-    def render_GET(self, request: Any) -> bytes:
-        _common_headers(request, b"application/json")
-        body = json.dumps(self.snapshot(self.factory), sort_keys=True)
-        return body.encode("utf-8")
-
-
 class PagedJSONPage(_Leaf):
     """A list snapshot, one page of it (``?limit=&offset=``, default the first 1,000 rows);
     ``X-Total-Count`` says how many there are in all."""
