@@ -113,6 +113,28 @@ class IRegistry(Interface):
         """Every registered listener, most recent first."""
 
 
+def claim_port(
+    listener: Listener, bind_host: str, port: int, limit: int | None, rng: random.Random
+) -> int:
+    """Check and record one more virtual port on ``listener`` (0: pick a free one).
+
+    The part of ``add_port`` every registry shares; raises PortInUse.
+    """
+    if port != 0 and port in listener.ports:
+        raise PortInUse(f"port {port} is already forwarded on this connection")
+    if limit is not None and len(listener.ports) >= limit:
+        raise PortInUse(f"more than {limit} forwards")
+    if port == 0:
+        free = [p for p in rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
+        if not free:
+            free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
+            if not free:
+                raise PortInUse("no free virtual port is left on this connection")
+        port = free[0]
+    listener.ports[port] = bind_host
+    return port
+
+
 @implementer(IRegistry)
 class InMemoryRegistry(Service):
     """The embedded registry: plain dictionaries in the server process."""
@@ -135,18 +157,7 @@ class InMemoryRegistry(Service):
     def add_port(
         self, listener: Listener, bind_host: str, port: int, limit: int | None = None
     ) -> int:
-        if port != 0 and port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
-        if limit is not None and len(listener.ports) >= limit:
-            raise PortInUse(f"more than {limit} forwards")
-        if port == 0:
-            free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
-            if not free:
-                free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
-                if not free:
-                    raise PortInUse("no free virtual port is left on this connection")
-            port = free[0]
-        listener.ports[port] = bind_host
+        port = claim_port(listener, bind_host, port, limit, self._rng)
         if len(listener.ports) == 1:
             if not listener.id:
                 listener.id = f"{self.node}/{next(self._ids)}"

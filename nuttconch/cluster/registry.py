@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from ..circuit import IOpener, OpenRefused
 from ..names import escape, split_index
-from ..registry import EPHEMERAL_PORTS, Listener, NotFound, PortInUse, Route
+from ..registry import Listener, NotFound, Route, claim_port
 from .redisclient import RedisClient, RedisUnavailable
 from .relay import IClusterRegistry
 
@@ -379,18 +379,7 @@ class RedisRegistry(Service):
     def add_port(
         self, listener: Listener, bind_host: str, port: int, limit: int | None = None
     ) -> int:
-        if port != 0 and port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
-        if limit is not None and len(listener.ports) >= limit:
-            raise PortInUse(f"more than {limit} forwards")
-        if port == 0:
-            free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
-            if not free:
-                free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
-                if not free:
-                    raise PortInUse("no free virtual port is left on this connection")
-            port = free[0]
-        listener.ports[port] = bind_host
+        port = claim_port(listener, bind_host, port, limit, self._rng)
         if len(listener.ports) == 1:
             if not listener.id:
                 listener.id = next(self._ids)
