@@ -548,6 +548,9 @@ class ModernTransportMixin(_TransportBase):
     #: 0 means the cipher's OpenSSH default (1 GiB for ChaCha20, 64 GiB for AES).
     rekeyLimit: int = 0
 
+    #: Pseudo-algorithms the initial KEXINIT appends for this role (the client's differ).
+    initialKexMarkers: tuple[bytes, ...] = (EXT_INFO_S, KEX_STRICT_S)
+
     strictKex = False
     _initialKex = True
     _kexInitReceived = False
@@ -568,14 +571,14 @@ class ModernTransportMixin(_TransportBase):
     # outgoing
 
     def sendKexInit(self) -> None:
-        """KEXINIT; the initial one also offers ext-info-s and kex-strict-s (PROTOCOL 1.10)."""
+        """KEXINIT; the initial one also offers ``initialKexMarkers`` (PROTOCOL 1.10)."""
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             raise RuntimeError(
                 f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}"
             )  # noqa: E501
         kex = list(self.supportedKeyExchanges)
         if self.sessionID is None:
-            kex += [EXT_INFO_S, KEX_STRICT_S]
+            kex += self.initialKexMarkers
         ciphers = b",".join(self.supportedCiphers)
         macs = b",".join(self.supportedMACs)
         comps = b",".join(self.supportedCompressions)

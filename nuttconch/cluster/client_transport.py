@@ -6,16 +6,15 @@ carries the server's pseudo-algorithms (``kex-strict-s``), negotiation
 reads the peer's lists as the client's, and keys are taken with the
 server's letters.  A node dialling another node must use the same packet
 layer (the fast AEAD sealers, strict KEX, volume rekeys) from the other
-side, so those three pieces are mirrored here; everything else (packet
-parsing, the strict-KEX message filter, NEWKEYS) is shared as it is.
+side: KEXINIT only swaps its markers (``initialKexMarkers``), negotiation
+and key taking are mirrored here; everything else (packet parsing, the
+strict-KEX message filter, NEWKEYS) is shared as it is.
 Conch's own client code does the ECDH exchange and host-key signature
 check; it does not negotiate the post-quantum hybrid, so only the
 elliptic-curve methods are offered.
 """
 
 from __future__ import annotations
-
-import os
 
 from twisted.conch.ssh import _kex
 from twisted.conch.ssh import transport as conch_transport
@@ -60,42 +59,10 @@ class ClientTransportMixin(ModernTransportMixin):
     supportedKeyExchanges = client_kex()
     supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
 
-    def sendKexInit(self) -> None:
-        """KEXINIT with the client's marker: strict KEX (Terrapin) from the first packet.
-
-        ext-info-c is not offered: the hop's user key is ed25519, which needs no
-        server-sig-algs to pick a signature algorithm.
-        """
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
-            raise RuntimeError("Cannot send KEXINIT while a key exchange is in progress")
-        kex = list(self.supportedKeyExchanges)
-        if self.sessionID is None:
-            kex.append(KEX_STRICT_C)
-        ciphers = b",".join(self.supportedCiphers)
-        macs = b",".join(self.supportedMACs)
-        comps = b",".join(self.supportedCompressions)
-        langs = b",".join(self.supportedLanguages)
-        self.ourKexInitPayload = b"".join(
-            [
-                bytes((MSG_KEXINIT,)),
-                os.urandom(16),
-                NS(b",".join(kex)),
-                NS(b",".join(self.supportedPublicKeys)),
-                NS(ciphers),
-                NS(ciphers),
-                NS(macs),
-                NS(macs),
-                NS(comps),
-                NS(comps),
-                NS(langs),
-                NS(langs),
-                b"\0\0\0\0\0",
-            ]
-        )
-        self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
-        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
-        self._blockedByKeyExchange = []
-        self._kexQueued = 0
+    #: The client's marker: strict KEX (Terrapin) from the first packet.  ext-info-c is
+    #: not offered: the hop's user key is ed25519, which needs no server-sig-algs to
+    #: pick a signature algorithm.
+    initialKexMarkers = (KEX_STRICT_C,)
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
         """Negotiate with our lists first (we are the client), then send our ECDH share."""
