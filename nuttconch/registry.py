@@ -135,8 +135,63 @@ def claim_port(
     return port
 
 
+def pick_holder(
+    names: dict[str, list[Listener]], target: str, why: str = ""
+) -> tuple[Listener, str]:
+    """The listener ``name[~index]`` names in ``names`` (newest first), and the name as shown.
+
+    ``why`` is appended to the NotFound message.
+    """
+    name, index = split_index(target.lower())
+    holders = names.get(name)
+    # The name is the client's, unchecked: the message goes to logs and back to the
+    # client, so it is escaped here, where it is built, not by each reader.
+    shown = escape(name)
+    if not holders:
+        raise NotFound(f"no such listener: {shown}{why}")
+    if index >= len(holders):
+        raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown}){why}")
+    return holders[index], shown
+
+
+class RegistryBase:
+    """What every registry shares: observers, remove_listener, resolve and find.
+
+    A subclass provides ``_unlink(listener)`` and ``_holder(target)``.
+    """
+
+    observers: list[Callable[[str, Listener, int | None], None]]
+
+    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
+        for observer in list(self.observers):
+            observer(event, listener, port)
+
+    def _unlink(self, listener: Listener) -> None:
+        raise NotImplementedError
+
+    def _holder(self, target: str) -> tuple[Listener, str]:
+        raise NotImplementedError
+
+    def remove_listener(self, listener: Listener) -> None:
+        ports = list(listener.ports)
+        listener.ports.clear()
+        for port in ports:
+            self._notify("port-removed", listener, port)
+        self._unlink(listener)
+
+    def resolve(self, target: str, port: int) -> Route:
+        listener, shown = self._holder(target)
+        bind_host = listener.ports.get(port)
+        if bind_host is None:
+            raise NotFound(f"no such port: {shown} has no port {port}")
+        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
+
+    def find(self, target: str) -> Listener:
+        return self._holder(target)[0]
+
+
 @implementer(IRegistry)
-class InMemoryRegistry(Service):
+class InMemoryRegistry(RegistryBase, Service):
     """The embedded registry: plain dictionaries in the server process."""
 
     name = "registry"
@@ -149,10 +204,6 @@ class InMemoryRegistry(Service):
         self._ids = itertools.count(1)
         self._rng = rng or random.SystemRandom()
         self.observers: list[Callable[[str, Listener, int | None], None]] = []
-
-    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
-        for observer in list(self.observers):
-            observer(event, listener, port)
 
     def add_port(
         self, listener: Listener, bind_host: str, port: int, limit: int | None = None
@@ -179,13 +230,6 @@ class InMemoryRegistry(Service):
             self._unlink(listener)
         return True
 
-    def remove_listener(self, listener: Listener) -> None:
-        ports = list(listener.ports)
-        listener.ports.clear()
-        for port in ports:
-            self._notify("port-removed", listener, port)
-        self._unlink(listener)
-
     def _unlink(self, listener: Listener) -> None:
         if self._active.pop(id(listener), None) is None:
             return
@@ -198,26 +242,7 @@ class InMemoryRegistry(Service):
         self._notify("down", listener, None)
 
     def _holder(self, target: str) -> tuple[Listener, str]:
-        name, index = split_index(target.lower())
-        holders = self._names.get(name)
-        # The name is the client's, unchecked: the message goes to logs and back to the
-        # client, so it is escaped here, where it is built, not by each reader.
-        shown = escape(name)
-        if not holders:
-            raise NotFound(f"no such listener: {shown}")
-        if index >= len(holders):
-            raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown})")
-        return holders[index], shown
-
-    def resolve(self, target: str, port: int) -> Route:
-        listener, shown = self._holder(target)
-        bind_host = listener.ports.get(port)
-        if bind_host is None:
-            raise NotFound(f"no such port: {shown} has no port {port}")
-        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
-
-    def find(self, target: str) -> Listener:
-        return self._holder(target)[0]
+        return pick_holder(self._names, target)
 
     def listeners(self) -> list[Listener]:
         return sorted(self._active.values(), key=lambda entry: -entry.order)
