@@ -417,12 +417,7 @@ class RedisRegistry(RegistryBase, Service):
     def _index(self) -> dict[str, list[Listener]]:
         if self._holders is None:
             holders: dict[str, list[Listener]] = {}
-            entries = list(self._local.values())
-            if self.healthy:
-                for regs in self._remote.values():
-                    entries.extend(regs.values())
-            entries.sort(key=lambda entry: -entry.order)
-            for entry in entries:
+            for entry in self.listeners():
                 for name in dict.fromkeys(entry.aliases):
                     holders.setdefault(name, []).append(entry)
             self._holders = holders
@@ -435,6 +430,7 @@ class RedisRegistry(RegistryBase, Service):
         return pick_holder(self._index(), target, why)
 
     def listeners(self) -> list[Listener]:
+        """This node's listeners and, while the replica is current, the others', newest first."""
         entries = list(self._local.values())
         if self.healthy:
             for regs in self._remote.values():
