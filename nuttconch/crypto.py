@@ -548,6 +548,9 @@ class ModernTransportMixin(_TransportBase):
     #: 0 means the cipher's OpenSSH default (1 GiB for ChaCha20, 64 GiB for AES).
     rekeyLimit: int = 0
 
+    #: Pseudo-algorithms the initial KEXINIT appends for this role (the client's differ).
+    initialKexMarkers: tuple[bytes, ...] = (EXT_INFO_S, KEX_STRICT_S)
+
     strictKex = False
     _initialKex = True
     _kexInitReceived = False
@@ -587,14 +590,14 @@ class ModernTransportMixin(_TransportBase):
     # outgoing
 
     def sendKexInit(self) -> None:
-        """KEXINIT; the initial one also offers ext-info-s and kex-strict-s (PROTOCOL 1.10)."""
+        """KEXINIT; the initial one also offers ``initialKexMarkers`` (PROTOCOL 1.10)."""
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             raise RuntimeError(
                 f"Cannot send KEXINIT while key exchange state is {self._keyExchangeState!r}"
             )  # noqa: E501
         kex = list(self.supportedKeyExchanges)
         if self.sessionID is None:
-            kex += [EXT_INFO_S, KEX_STRICT_S]
+            kex += self.initialKexMarkers
         ciphers = b",".join(self.supportedCiphers)
         macs = b",".join(self.supportedMACs)
         comps = b",".join(self.supportedCompressions)
@@ -746,40 +749,65 @@ class ModernTransportMixin(_TransportBase):
             return self._kexInitReceived and not self._newKeysSent
         return False
 
-    def ssh_KEXINIT(self, packet: bytes) -> None:
-        """Negotiate (RFC 4253 7.1, AEAD ciphers implying their MAC) and note strict KEX."""
+    def _kexUsable(self, kexAlg: bytes) -> bool:
+        """Whether a negotiated key exchange can be run (never a pseudo-algorithm)."""
+        return kexAlg not in PSEUDO_KEX
+
+    def _negotiateKexInit(
+        self, packet: bytes, client: bool
+    ) -> tuple[list[bytes], list[bytes], bytes] | None:
+        """The KEXINIT steps both roles share: strict-KEX check and negotiation (RFC 4253
+        7.1, AEAD ciphers implying their MAC) with the client's lists first.
+
+        Returns the peer's kex and host-key lists and the first_kex_packet_follows
+        field, or None after a disconnect.
+        """
         if self._kexInitReceived:
             self.protocolError("unexpected KEXINIT during key exchange")  # type: ignore[attr-defined]
-            return
+            return None
         k = getNS(packet[16:], 10)
-        strings, rest = k[:-1], k[-1]
         kexAlgs, keyAlgs, encCS, encSC, macCS, macSC, compCS, compSC, _, _ = (
-            s.split(b",") for s in strings
+            s.split(b",") for s in k[:-1]
         )
         if self._initialKex and self.sessionID is None:
-            self.strictKex = KEX_STRICT_C in kexAlgs
+            self.strictKex = (KEX_STRICT_S if client else KEX_STRICT_C) in kexAlgs
             if self.strictKex and self.incomingPacketSequence != 1:
                 self.protocolError("strict KEX violation: KEXINIT was not the first packet")  # type: ignore[attr-defined]  # noqa: E501
-                return
+                return None
         self._kexInitReceived = True
         self.otherKexInitPayload = bytes((MSG_KEXINIT,)) + packet
-        kexAlg = negotiate(kexAlgs, self.supportedKeyExchanges)
-        keyAlg = negotiate(keyAlgs, self.supportedPublicKeys)
-        cipIn = negotiate(encCS, self.supportedCiphers)
-        cipOut = negotiate(encSC, self.supportedCiphers)
-        macIn = _mac_for(cipIn, macCS, self.supportedMACs)
-        macOut = _mac_for(cipOut, macSC, self.supportedMACs)
-        compIn = negotiate(compCS, self.supportedCompressions)
-        compOut = negotiate(compSC, self.supportedCompressions)
+
+        def pick(theirs: list[bytes], ours: Any) -> bytes | None:
+            return negotiate(list(ours), theirs) if client else negotiate(theirs, ours)
+
+        def pickMac(cipher: bytes | None, theirs: list[bytes]) -> bytes | None:
+            ours = list(self.supportedMACs)
+            return _mac_for(cipher, ours, theirs) if client else _mac_for(cipher, theirs, ours)
+
+        kexAlg = pick(kexAlgs, self.supportedKeyExchanges)
+        keyAlg = pick(keyAlgs, self.supportedPublicKeys)
+        cipCS = pick(encCS, self.supportedCiphers)
+        cipSC = pick(encSC, self.supportedCiphers)
+        cs = (cipCS, pickMac(cipCS, macCS), pick(compCS, self.supportedCompressions))
+        sc = (cipSC, pickMac(cipSC, macSC), pick(compSC, self.supportedCompressions))
+        (cipOut, macOut, compOut), (cipIn, macIn, compIn) = (cs, sc) if client else (sc, cs)
         chosen = (kexAlg, keyAlg, cipIn, cipOut, macIn, macOut, compIn, compOut)
-        if None in chosen or kexAlg in PSEUDO_KEX:
+        if kexAlg is None or None in chosen or not self._kexUsable(kexAlg):
             self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # noqa: E501
-            return
+            return None
         self.kexAlg = kexAlg
         self.keyAlg = keyAlg
         self.nextEncryptions = PacketCrypto(cipOut, cipIn, macOut, macIn)  # type: ignore[arg-type]
         self.outgoingCompressionType = compOut
         self.incomingCompressionType = compIn
+        return kexAlgs, keyAlgs, k[-1]
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        """Negotiate and note strict KEX, ext-info-c and a wrong guessed KEX packet."""
+        peer = self._negotiateKexInit(packet, client=False)
+        if peer is None:
+            return
+        kexAlgs, keyAlgs, rest = peer
         self._peerSupportsExtensions = EXT_INFO_C in kexAlgs
         if self._keyExchangeState == self._KEY_EXCHANGE_REQUESTED:
             self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING

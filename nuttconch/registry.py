@@ -113,8 +113,85 @@ class IRegistry(Interface):
         """Every registered listener, most recent first."""
 
 
+def claim_port(
+    listener: Listener, bind_host: str, port: int, limit: int | None, rng: random.Random
+) -> int:
+    """Check and record one more virtual port on ``listener`` (0: pick a free one).
+
+    The part of ``add_port`` every registry shares; raises PortInUse.
+    """
+    if port != 0 and port in listener.ports:
+        raise PortInUse(f"port {port} is already forwarded on this connection")
+    if limit is not None and len(listener.ports) >= limit:
+        raise PortInUse(f"more than {limit} forwards")
+    if port == 0:
+        free = [p for p in rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
+        if not free:
+            free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
+            if not free:
+                raise PortInUse("no free virtual port is left on this connection")
+        port = free[0]
+    listener.ports[port] = bind_host
+    return port
+
+
+def pick_holder(
+    names: dict[str, list[Listener]], target: str, why: str = ""
+) -> tuple[Listener, str]:
+    """The listener ``name[~index]`` names in ``names`` (newest first), and the name as shown.
+
+    ``why`` is appended to the NotFound message.
+    """
+    name, index = split_index(target.lower())
+    holders = names.get(name)
+    # The name is the client's, unchecked: the message goes to logs and back to the
+    # client, so it is escaped here, where it is built, not by each reader.
+    shown = escape(name)
+    if not holders:
+        raise NotFound(f"no such listener: {shown}{why}")
+    if index >= len(holders):
+        raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown}){why}")
+    return holders[index], shown
+
+
+class RegistryBase:
+    """What every registry shares: observers, remove_listener, resolve and find.
+
+    A subclass provides ``_unlink(listener)`` and ``_holder(target)``.
+    """
+
+    observers: list[Callable[[str, Listener, int | None], None]]
+
+    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
+        for observer in list(self.observers):
+            observer(event, listener, port)
+
+    def _unlink(self, listener: Listener) -> None:
+        raise NotImplementedError
+
+    def _holder(self, target: str) -> tuple[Listener, str]:
+        raise NotImplementedError
+
+    def remove_listener(self, listener: Listener) -> None:
+        ports = list(listener.ports)
+        listener.ports.clear()
+        for port in ports:
+            self._notify("port-removed", listener, port)
+        self._unlink(listener)
+
+    def resolve(self, target: str, port: int) -> Route:
+        listener, shown = self._holder(target)
+        bind_host = listener.ports.get(port)
+        if bind_host is None:
+            raise NotFound(f"no such port: {shown} has no port {port}")
+        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
+
+    def find(self, target: str) -> Listener:
+        return self._holder(target)[0]
+
+
 @implementer(IRegistry)
-class InMemoryRegistry(Service):
+class InMemoryRegistry(RegistryBase, Service):
     """The embedded registry: plain dictionaries in the server process."""
 
     name = "registry"
@@ -128,25 +205,10 @@ class InMemoryRegistry(Service):
         self._rng = rng or random.SystemRandom()
         self.observers: list[Callable[[str, Listener, int | None], None]] = []
 
-    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
-        for observer in list(self.observers):
-            observer(event, listener, port)
-
     def add_port(
         self, listener: Listener, bind_host: str, port: int, limit: int | None = None
     ) -> int:
-        if port != 0 and port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
-        if limit is not None and len(listener.ports) >= limit:
-            raise PortInUse(f"more than {limit} forwards")
-        if port == 0:
-            free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
-            if not free:
-                free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
-                if not free:
-                    raise PortInUse("no free virtual port is left on this connection")
-            port = free[0]
-        listener.ports[port] = bind_host
+        port = claim_port(listener, bind_host, port, limit, self._rng)
         if len(listener.ports) == 1:
             if not listener.id:
                 listener.id = f"{self.node}/{next(self._ids)}"
@@ -168,13 +230,6 @@ class InMemoryRegistry(Service):
             self._unlink(listener)
         return True
 
-    def remove_listener(self, listener: Listener) -> None:
-        ports = list(listener.ports)
-        listener.ports.clear()
-        for port in ports:
-            self._notify("port-removed", listener, port)
-        self._unlink(listener)
-
     def _unlink(self, listener: Listener) -> None:
         if self._active.pop(id(listener), None) is None:
             return
@@ -187,26 +242,7 @@ class InMemoryRegistry(Service):
         self._notify("down", listener, None)
 
     def _holder(self, target: str) -> tuple[Listener, str]:
-        name, index = split_index(target.lower())
-        holders = self._names.get(name)
-        # The name is the client's, unchecked: the message goes to logs and back to the
-        # client, so it is escaped here, where it is built, not by each reader.
-        shown = escape(name)
-        if not holders:
-            raise NotFound(f"no such listener: {shown}")
-        if index >= len(holders):
-            raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown})")
-        return holders[index], shown
-
-    def resolve(self, target: str, port: int) -> Route:
-        listener, shown = self._holder(target)
-        bind_host = listener.ports.get(port)
-        if bind_host is None:
-            raise NotFound(f"no such port: {shown} has no port {port}")
-        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
-
-    def find(self, target: str) -> Listener:
-        return self._holder(target)[0]
+        return pick_holder(self._names, target)
 
     def listeners(self) -> list[Listener]:
         return sorted(self._active.values(), key=lambda entry: -entry.order)

@@ -6,8 +6,9 @@ carries the server's pseudo-algorithms (``kex-strict-s``), negotiation
 reads the peer's lists as the client's, and keys are taken with the
 server's letters.  A node dialling another node must use the same packet
 layer (the fast AEAD sealers, strict KEX, volume rekeys) from the other
-side, so those three pieces are mirrored here; everything else (packet
-parsing, the strict-KEX message filter, NEWKEYS) is shared as it is.
+side: KEXINIT only swaps its markers (``initialKexMarkers``), negotiation
+and key taking are mirrored here; everything else (packet parsing, the
+strict-KEX message filter, NEWKEYS) is shared as it is.
 Conch's own client code does the ECDH exchange and host-key signature
 check; it does not negotiate the post-quantum hybrid, so only the
 elliptic-curve methods are offered.
@@ -15,24 +16,15 @@ elliptic-curve methods are offered.
 
 from __future__ import annotations
 
-import os
-
 from twisted.conch.ssh import _kex
 from twisted.conch.ssh import transport as conch_transport
-from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.common import NS
 
 from ..crypto import (
-    DISCONNECT_KEY_EXCHANGE_FAILED,
     KEX_STRICT_C,
-    KEX_STRICT_S,
-    MSG_KEXINIT,
     MSG_NEWKEYS,
-    PSEUDO_KEX,
     ModernTransportMixin,
-    PacketCrypto,
-    _mac_for,
     available_kex,
-    negotiate,
 )
 
 #: Host-key signature algorithms the hop client accepts, most preferred first (no SHA-1).
@@ -60,82 +52,19 @@ class ClientTransportMixin(ModernTransportMixin):
     supportedKeyExchanges = client_kex()
     supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
 
-    def sendKexInit(self) -> None:
-        """KEXINIT with the client's marker: strict KEX (Terrapin) from the first packet.
+    #: The client's marker: strict KEX (Terrapin) from the first packet.  ext-info-c is
+    #: not offered: the hop's user key is ed25519, which needs no server-sig-algs to
+    #: pick a signature algorithm.
+    initialKexMarkers = (KEX_STRICT_C,)
 
-        ext-info-c is not offered: the hop's user key is ed25519, which needs no
-        server-sig-algs to pick a signature algorithm.
-        """
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
-            raise RuntimeError("Cannot send KEXINIT while a key exchange is in progress")
-        kex = list(self.supportedKeyExchanges)
-        if self.sessionID is None:
-            kex.append(KEX_STRICT_C)
-        ciphers = b",".join(self.supportedCiphers)
-        macs = b",".join(self.supportedMACs)
-        comps = b",".join(self.supportedCompressions)
-        langs = b",".join(self.supportedLanguages)
-        self.ourKexInitPayload = b"".join(
-            [
-                bytes((MSG_KEXINIT,)),
-                os.urandom(16),
-                NS(b",".join(kex)),
-                NS(b",".join(self.supportedPublicKeys)),
-                NS(ciphers),
-                NS(ciphers),
-                NS(macs),
-                NS(macs),
-                NS(comps),
-                NS(comps),
-                NS(langs),
-                NS(langs),
-                b"\0\0\0\0\0",
-            ]
-        )
-        self.sendPacket(MSG_KEXINIT, self.ourKexInitPayload[1:])
-        self._keyExchangeState = self._KEY_EXCHANGE_REQUESTED
-        self._blockedByKeyExchange = []
-        self._kexQueued = 0
+    def _kexUsable(self, kexAlg: bytes) -> bool:
+        """Conch's client runs only the elliptic-curve exchanges."""
+        return super()._kexUsable(kexAlg) and _kex.isEllipticCurve(kexAlg)
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
         """Negotiate with our lists first (we are the client), then send our ECDH share."""
-        if self._kexInitReceived:
-            self.protocolError("unexpected KEXINIT during key exchange")  # type: ignore[attr-defined]
+        if self._negotiateKexInit(packet, client=True) is None:
             return
-        k = getNS(packet[16:], 10)
-        strings = k[:-1]
-        kexAlgs, keyAlgs, encCS, encSC, macCS, macSC, compCS, compSC, _, _ = (
-            s.split(b",") for s in strings
-        )
-        if self._initialKex and self.sessionID is None:
-            self.strictKex = KEX_STRICT_S in kexAlgs
-            if self.strictKex and self.incomingPacketSequence != 1:
-                self.protocolError("strict KEX violation: KEXINIT was not the first packet")  # type: ignore[attr-defined]  # noqa: E501
-                return
-        self._kexInitReceived = True
-        self.otherKexInitPayload = bytes((MSG_KEXINIT,)) + packet
-        kexAlg = negotiate(list(self.supportedKeyExchanges), kexAlgs)
-        keyAlg = negotiate(list(self.supportedPublicKeys), keyAlgs)
-        cipOut = negotiate(list(self.supportedCiphers), encCS)
-        cipIn = negotiate(list(self.supportedCiphers), encSC)
-        macOut = _mac_for(cipOut, list(self.supportedMACs), macCS)
-        macIn = _mac_for(cipIn, list(self.supportedMACs), macSC)
-        compOut = negotiate(list(self.supportedCompressions), compCS)
-        compIn = negotiate(list(self.supportedCompressions), compSC)
-        chosen = (kexAlg, keyAlg, cipIn, cipOut, macIn, macOut, compIn, compOut)
-        if (
-            kexAlg is None
-            or None in chosen
-            or kexAlg in PSEUDO_KEX
-            or not _kex.isEllipticCurve(kexAlg)
-        ):
-            self.sendDisconnect(DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")  # noqa: E501
-            return
-        self.kexAlg = kexAlg
-        self.keyAlg = keyAlg
-        self.nextEncryptions = PacketCrypto(cipOut, cipIn, macOut, macIn)  # type: ignore[arg-type]
-        self.outgoingCompressionType = compOut
-        self.incomingCompressionType = compIn
         if self._keyExchangeState == self._KEY_EXCHANGE_REQUESTED:
             self._keyExchangeState = self._KEY_EXCHANGE_PROGRESSING
         else:

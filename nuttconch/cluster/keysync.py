@@ -165,7 +165,7 @@ class KeySync:
             yield self._publish(token, self.known.get(token, ""))
         flat = yield registry.redis.command("HGETALL", registry._k("keys"))
         theirs = {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat or []), 2)}
-        self._apply({t: v for t, v in theirs.items() if self.known.get(t, "") != v})
+        self._apply(theirs)
         for token, value in self.known.items():
             if token not in theirs:
                 yield self._publish(token, value)

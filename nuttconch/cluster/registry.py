@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..circuit import IOpener, OpenRefused
-from ..names import escape, split_index
-from ..registry import EPHEMERAL_PORTS, Listener, NotFound, PortInUse, Route
+from ..names import escape
+from ..registry import Listener, RegistryBase, claim_port, pick_holder
 from .redisclient import RedisClient, RedisUnavailable
 from .relay import IClusterRegistry
 
@@ -265,7 +265,7 @@ def _text(value: Any) -> str:
 
 
 @implementer(IClusterRegistry)
-class RedisRegistry(Service):
+class RedisRegistry(RegistryBase, Service):
     """IRegistry over Redis; this node's listeners are live objects, the others' a replica."""
 
     name = "registry"
@@ -372,25 +372,10 @@ class RedisRegistry(Service):
 
     # -- IRegistry ------------------------------------------------------------------
 
-    def _notify(self, event: str, listener: Listener, port: int | None) -> None:
-        for observer in list(self.observers):
-            observer(event, listener, port)
-
     def add_port(
         self, listener: Listener, bind_host: str, port: int, limit: int | None = None
     ) -> int:
-        if port != 0 and port in listener.ports:
-            raise PortInUse(f"port {port} is already forwarded on this connection")
-        if limit is not None and len(listener.ports) >= limit:
-            raise PortInUse(f"more than {limit} forwards")
-        if port == 0:
-            free = [p for p in self._rng.sample(EPHEMERAL_PORTS, 64) if p not in listener.ports]
-            if not free:
-                free = [p for p in EPHEMERAL_PORTS if p not in listener.ports]
-                if not free:
-                    raise PortInUse("no free virtual port is left on this connection")
-            port = free[0]
-        listener.ports[port] = bind_host
+        port = claim_port(listener, bind_host, port, limit, self._rng)
         if len(listener.ports) == 1:
             if not listener.id:
                 listener.id = next(self._ids)
@@ -420,13 +405,6 @@ class RedisRegistry(Service):
             self._sync(listener.id)
         return True
 
-    def remove_listener(self, listener: Listener) -> None:
-        ports = list(listener.ports)
-        listener.ports.clear()
-        for port in ports:
-            self._notify("port-removed", listener, port)
-        self._unlink(listener)
-
     def _unlink(self, listener: Listener) -> None:
         regid = listener.id
         if not regid or self._local.get(regid) is not listener:
@@ -439,41 +417,20 @@ class RedisRegistry(Service):
     def _index(self) -> dict[str, list[Listener]]:
         if self._holders is None:
             holders: dict[str, list[Listener]] = {}
-            entries = list(self._local.values())
-            if self.healthy:
-                for regs in self._remote.values():
-                    entries.extend(regs.values())
-            entries.sort(key=lambda entry: -entry.order)
-            for entry in entries:
+            for entry in self.listeners():
                 for name in dict.fromkeys(entry.aliases):
                     holders.setdefault(name, []).append(entry)
             self._holders = holders
         return self._holders
 
     def _holder(self, target: str) -> tuple[Listener, str]:
-        name, index = split_index(target.lower())
-        holders = self._index().get(name)
-        shown = escape(name)
         # While the replica is not current only this node's own listeners are known:
         # say why a name may be missing instead of claiming it does not exist.
         why = "" if self.healthy else f" on this node (cluster registry unavailable: {self.cause})"
-        if not holders:
-            raise NotFound(f"no such listener: {shown}{why}")
-        if index >= len(holders):
-            raise NotFound(f"no such listener: {shown}~{index} ({len(holders)} hold {shown}){why}")
-        return holders[index], shown
-
-    def resolve(self, target: str, port: int) -> Route:
-        listener, shown = self._holder(target)
-        bind_host = listener.ports.get(port)
-        if bind_host is None:
-            raise NotFound(f"no such port: {shown} has no port {port}")
-        return Route(listener.id, listener.node, listener.connect_name, listener.opener, bind_host)
-
-    def find(self, target: str) -> Listener:
-        return self._holder(target)[0]
+        return pick_holder(self._index(), target, why)
 
     def listeners(self) -> list[Listener]:
+        """This node's listeners and, while the replica is current, the others', newest first."""
         entries = list(self._local.values())
         if self.healthy:
             for regs in self._remote.values():
