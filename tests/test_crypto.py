@@ -748,6 +748,7 @@ class ReadPauseTests(unittest.TestCase):
     """Reading stops while any reason holds it, and resumes only when none is left."""
 
     def test_reasons_overlap(self) -> None:
+        """Two reasons pause once; reading resumes once, when the last one is gone."""
         calls: list[str] = []
 
         class TCP:
